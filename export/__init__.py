@@ -1,0 +1,1 @@
+"""PyTorch to ONNX: classifier and dense (fully convolutional) variants, with metadata."""

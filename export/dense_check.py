@@ -1,0 +1,113 @@
+"""Check the dense map against crop-by-crop evaluation of the classifier, in ONNX Runtime.
+
+Both exported files are run as they will be served: ``model.onnx`` on every crop, one batch at a
+time, and ``model.dense.onnx`` once on the whole input. Cell ``i`` along an axis stands for the
+crop starting at ``offset + i * stride``; an input ``W`` wide has ``(W - window) // stride + 1``
+cells along it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .onnx_export import INPUT_NAME, ort_session
+
+__all__ = ["DenseCheck", "cell_counts", "check_dense", "crop_by_crop", "dense_map"]
+
+_CROP_BATCH = 16
+
+
+@dataclass(frozen=True)
+class DenseCheck:
+    """How closely the dense map follows crop-by-crop evaluation.
+
+    Attributes:
+        sizes: the spatial input sizes checked.
+        cells: cells compared, over all sizes.
+        max_abs_dev: largest absolute difference of any score in any cell.
+        top1_agreement: fraction of cells whose best class is the same both ways.
+        max_abs_score: largest absolute crop-by-crop score, to read ``max_abs_dev`` against.
+    """
+
+    sizes: tuple[tuple[int, ...], ...]
+    cells: int
+    max_abs_dev: float
+    top1_agreement: float
+    max_abs_score: float
+
+
+def cell_counts(
+    size: Sequence[int], window: Sequence[int], stride: Sequence[int]
+) -> tuple[int, ...]:
+    """Cells per axis of the dense map for a spatial input ``size``."""
+    return tuple((s - w) // st + 1 for s, w, st in zip(size, window, stride, strict=True))
+
+
+def dense_map(
+    session: object, image: np.ndarray, window: Sequence[int], stride: Sequence[int]
+) -> np.ndarray:
+    """Scores ``[K, *cells]`` of the dense model on one ``[C, *size]`` image."""
+    scores = session.run(None, {INPUT_NAME: image[None]})[0][0]  # type: ignore[attr-defined]
+    cells = cell_counts(image.shape[1:], window, stride)
+    if any(got < want for got, want in zip(scores.shape[1:], cells, strict=True)):
+        raise ValueError(
+            f"the dense model gives a {list(scores.shape[1:])} map for a "
+            f"{list(image.shape[1:])} input; the geometry says {list(cells)}"
+        )
+    return np.ascontiguousarray(scores[(slice(None), *(slice(0, c) for c in cells))])
+
+
+def crop_by_crop(
+    session: object, image: np.ndarray, window: Sequence[int], stride: Sequence[int]
+) -> np.ndarray:
+    """Scores ``[K, *cells]`` from running the classifier on every crop of one image."""
+    cells = cell_counts(image.shape[1:], window, stride)
+    positions = list(itertools.product(*(range(c) for c in cells)))
+    rows: list[np.ndarray] = []
+    for start in range(0, len(positions), _CROP_BATCH):
+        crops = np.stack(
+            [
+                image[
+                    (
+                        slice(None),
+                        *(
+                            slice(i * st, i * st + w)
+                            for i, st, w in zip(pos, stride, window, strict=True)
+                        ),
+                    )
+                ]
+                for pos in positions[start : start + _CROP_BATCH]
+            ]
+        )
+        rows.append(session.run(None, {INPUT_NAME: crops})[0])  # type: ignore[attr-defined]
+    scores = np.concatenate(rows)  # [cells, K]
+    return np.ascontiguousarray(scores.T.reshape(scores.shape[1], *cells))
+
+
+def check_dense(
+    model_path: Path,
+    dense_path: Path,
+    channels: int,
+    window: Sequence[int],
+    stride: Sequence[int],
+    sizes: Iterable[Sequence[int]],
+    rng: np.random.Generator,
+) -> DenseCheck:
+    """Compare both files on random inputs of the given spatial ``sizes``."""
+    classifier, dense = ort_session(model_path), ort_session(dense_path)
+    worst, scale, agree, total, checked = 0.0, 0.0, 0, 0, []
+    for size in sizes:
+        image = rng.standard_normal((channels, *size)).astype(np.float32)
+        expected = crop_by_crop(classifier, image, window, stride)
+        got = dense_map(dense, image, window, stride)
+        worst = max(worst, float(np.max(np.abs(got - expected))))
+        scale = max(scale, float(np.max(np.abs(expected))))
+        agree += int(np.sum(got.argmax(axis=0) == expected.argmax(axis=0)))
+        total += int(np.prod(got.shape[1:]))
+        checked.append(tuple(size))
+    return DenseCheck(tuple(checked), total, worst, agree / total if total else 0.0, scale)

@@ -1,0 +1,129 @@
+"""``convserve inspect``: the per-layer table of an ONNX classifier, for sizing batches.
+
+Counts follow the CS231n notes' VGG table: the input image plus one output per convolution,
+pooling and fully-connected layer (identity pools left out); parameters are every float weight of
+the graph, attributed to the first layer that reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+
+from .errors import ExportError
+from .geometry import GraphGeometry, analyse
+
+__all__ = ["BATCH_SIZES", "inspect_file", "render"]
+
+BATCH_SIZES = (1, 8, 32, 128)
+_BYTES = {"fp32": 4, "fp16": 2}
+
+
+def _metadata(model: onnx.ModelProto) -> dict[str, object]:
+    entries: dict[str, object] = {}
+    for prop in model.metadata_props:
+        if prop.key.startswith("convserve."):
+            try:
+                entries[prop.key] = json.loads(prop.value)
+            except json.JSONDecodeError:
+                entries[prop.key] = prop.value
+    return entries
+
+
+def _input_shape(
+    model: onnx.ModelProto, metadata: dict[str, object], override: tuple[int, ...] | None
+) -> tuple[int, ...]:
+    if override is not None:
+        return (1, *override)
+    described = metadata.get("convserve.input")
+    if isinstance(described, dict):
+        return (1, int(described["channels"]), *(int(w) for w in described["window"]))
+    initializers = {t.name for t in model.graph.initializer}
+    graph_input = next(i for i in model.graph.input if i.name not in initializers)
+    dims = graph_input.type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") else 0 for d in dims[1:]]
+    if not all(shape):
+        raise ExportError(
+            f"input '{graph_input.name}' has dynamic dimensions and the file has no convserve "
+            "metadata: give --input-shape CxHxW"
+        )
+    return (1, *shape)
+
+
+def inspect_file(
+    path: Path, input_shape: tuple[int, ...] | None = None
+) -> tuple[GraphGeometry, dict[str, object]]:
+    """Analyse one ONNX file at its window (or ``input_shape``, without the batch axis).
+
+    Raises:
+        ExportError: the file is missing, not ONNX, or its input size cannot be known.
+    """
+    if not path.is_file():
+        raise ExportError(f"model file '{path}' does not exist")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise ExportError(f"'{path}' is not a readable ONNX model ({exc})") from exc
+    metadata = _metadata(model)
+    try:
+        found = analyse(model, _input_shape(model, metadata, input_shape))
+    except (ValueError, StopIteration, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"cannot analyse '{path}': {exc}") from exc
+    return found, metadata
+
+
+def _mb(values: int, dtype: str) -> str:
+    return f"{values * _BYTES[dtype] / 1e6:,.1f} MB"
+
+
+def render(
+    found: GraphGeometry, metadata: dict[str, object], batch_sizes: Sequence[int] = BATCH_SIZES
+) -> str:
+    """The table, totals, batch sizing, dense geometry and uneven layers, as text."""
+    lines = [
+        f"{'layer':<48} {'op':<18} {'output':>16} {'params':>13} {'activations':>12} {'fp32':>10}"
+    ]
+    for layer in found.layers:
+        shape = "x".join(map(str, layer.shape))
+        lines.append(
+            f"{layer.name[-48:]:<48} {layer.op:<18} {shape:>16} {layer.params:>13,} "
+            f"{layer.activations:>12,} {_mb(layer.activations, 'fp32'):>10}"
+        )
+    params, acts = found.total_params, found.total_activations
+    lines += [
+        "",
+        f"parameters: {params:,} ({_mb(params, 'fp32')} fp32, {_mb(params, 'fp16')} fp16)",
+        f"activations per image: {acts:,} values ({_mb(acts, 'fp32')} fp32, "
+        f"{_mb(acts, 'fp16')} fp16), forward pass",
+        "",
+        f"{'batch':>6} {'fp32 weights+activations':>26} {'fp16 weights+activations':>26}",
+    ]
+    for batch in batch_sizes:
+        lines.append(
+            f"{batch:>6} {_mb(params + batch * acts, 'fp32'):>26} "
+            f"{_mb(params + batch * acts, 'fp16'):>26}"
+        )
+    dense = metadata.get("convserve.dense")
+    lines.append("")
+    if isinstance(dense, dict):
+        kind = "exact" if dense.get("exact") else "approximate"
+        lines.append(
+            f"dense geometry: stride {dense.get('stride')}, window {dense.get('window')}, "
+            f"offset {dense.get('offset')}, receptive field {dense.get('receptive_field')}; "
+            f"{kind} (max abs deviation from crops {dense.get('max_abs_dev')}, "
+            f"top-1 agreement {dense.get('top1_agreement')})"
+        )
+    else:
+        lines.append(
+            f"sliding geometry of this graph: stride {list(found.stride)}, receptive "
+            f"field {found.receptive_field} (no convserve.dense metadata)"
+        )
+    if found.uneven:
+        lines.append("layers whose geometry does not divide evenly:")
+        lines += [f"  {layer.describe()}" for layer in found.uneven]
+    else:
+        lines.append("every layer's geometry divides evenly")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""``convserve``: the one command line of the project (serve, export, inspect, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from export.cli import add_commands as add_export_commands
+from export.errors import ExportError
+
+from . import BUNDLED_REPOSITORY
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``convserve`` parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="convserve",
+        description="Serve convolutional classifiers (ONNX Runtime, gRPC, dense evaluation).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_export_commands(commands, BUNDLED_REPOSITORY)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; errors end as one line on stderr and a non-zero exit, no traceback.
+
+    Set ``CONVSERVE_DEBUG=1`` to see the traceback of an unexpected failure.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except ExportError as exc:
+        print(f"convserve {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if os.environ.get("CONVSERVE_DEBUG"):
+            traceback.print_exc()
+        print(
+            f"convserve {args.command}: error: unexpected {type(exc).__name__}: {exc} "
+            "(set CONVSERVE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

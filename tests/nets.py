@@ -1,0 +1,98 @@
+"""Small custom classifiers for conversion tests (importable, so export can load them by path)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def padding_free_2d() -> nn.Module:
+    """Conv/pool features and a two-layer head, through nn.Flatten in an nn.Sequential."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 3 * 3, 32),
+        nn.ReLU(),
+        nn.Dropout(),
+        nn.Linear(32, 5),
+    ).eval()  # 16x16 window, stride 4
+
+
+def padding_free_1d() -> nn.Module:
+    """A Conv1d network over time, dense along its one axis."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv1d(2, 8, 5, stride=2),
+        nn.ReLU(),
+        nn.Conv1d(8, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6, 16),
+        nn.ReLU(),
+        nn.Linear(16, 4),
+    ).eval()  # window 31: (31-5)/2+1 = 14, (14-3)/2+1 = 6
+
+
+class PooledHead(nn.Module):
+    """Adaptive pooling to 2x2 (not global), a view-based flatten and BatchNorm1d in the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 6, 3, stride=2))
+        self.pool = nn.AdaptiveAvgPool2d((2, 2))
+        self.fc1 = nn.Linear(6 * 2 * 2, 12)
+        self.norm = nn.BatchNorm1d(12)
+        self.fc2 = nn.Linear(12, 3)
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-1, 1)
+            self.norm.running_var.uniform_(0.5, 2)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x))
+        x = x.view(x.size(0), -1)
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))  # window 15: 13 -> 6 -> pool 3
+
+
+class LayerNormHead(nn.Module):
+    """A head with LayerNorm after the first Linear: mixes features, so it cannot be a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 8)
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.fc(torch.flatten(self.conv(x), 1))))
+
+
+class FullyConvolutional(nn.Module):
+    """No fully-connected head at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean(dim=(2, 3))
+
+
+class UnevenPool(nn.Module):
+    """Adaptive pooling from 5x5 to 2x2: windows overlap, no fixed-window equivalent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.conv(x)), 1))

@@ -1,0 +1,102 @@
+"""The bundled digits model: accurate, self-describing, loadable by onnxruntime-gpu 1.31."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from export.demo import digits_split
+
+
+def metadata(path: Path) -> dict[str, object]:
+    return {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
+
+
+def normalise(images: np.ndarray, meta: dict) -> np.ndarray:
+    pre = meta["convserve.preprocess"]
+    x = images.astype(np.float32)[:, None] * pre["scale"]
+    return ((x - pre["mean"][0]) / pre["std"][0]).astype(np.float32)
+
+
+def held_out_accuracy(path: Path) -> float:
+    _xt, x_test, _yt, y_test = digits_split()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": normalise(x_test, metadata(path))})[0]
+    return float(np.mean(logits.argmax(1) == y_test))
+
+
+def test_accuracy_from_the_committed_file(digits_files: tuple[Path, Path]) -> None:
+    assert held_out_accuracy(digits_files[0]) >= 0.97
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_ir_version_and_opset_are_pinned(digits_files: tuple[Path, Path], which: int) -> None:
+    model = onnx.load(str(digits_files[which]))
+    assert 3 <= model.ir_version <= 13  # onnxruntime-gpu 1.31 loads IR 13 at most
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+
+
+def test_each_file_describes_itself(digits_files: tuple[Path, Path]) -> None:
+    for path in digits_files:
+        meta = metadata(path)
+        assert meta["convserve.labels"] == [str(d) for d in range(10)]
+        assert meta["convserve.input"] == {"layout": "NCHW", "channels": 1, "window": [8, 8]}
+        assert meta["convserve.preprocess"]["color"] == "L"
+        dense = meta["convserve.dense"]
+        assert dense["stride"] == [2, 2] and dense["window"] == [8, 8]
+        assert dense["offset"] == [0, 0] and dense["receptive_field"] == [8, 8]
+        assert dense["exact"] is True and dense["max_abs_dev"] < 1e-4
+        source = meta["convserve.source"]
+        assert source["model"] == "export.demo:DigitsNet"
+        assert source["parity_max_abs_diff"] < 1e-4
+
+
+def test_dynamic_axes(digits_files: tuple[Path, Path]) -> None:
+    classifier = ort.InferenceSession(str(digits_files[0]), providers=["CPUExecutionProvider"])
+    dense = ort.InferenceSession(str(digits_files[1]), providers=["CPUExecutionProvider"])
+    assert classifier.run(None, {"input": np.zeros((5, 1, 8, 8), np.float32)})[0].shape == (5, 10)
+    out = dense.run(None, {"input": np.zeros((2, 1, 8, 40), np.float32)})[0]
+    assert out.shape == (2, 10, 1, 17)  # (40 - 8) // 2 + 1
+
+
+def test_strip_of_digits_names_each_digit(digits_files: tuple[Path, Path]) -> None:
+    """Five held-out digits side by side: the best cell over each digit names it."""
+    _xt, x_test, _yt, y_test = digits_split()
+    picks = [int(np.flatnonzero(y_test == d)[3]) for d in (3, 1, 4, 0, 9)]
+    strip = np.concatenate([x_test[i] for i in picks], axis=1)  # 8 x 40
+    meta = metadata(digits_files[1])
+    dense = ort.InferenceSession(str(digits_files[1]), providers=["CPUExecutionProvider"])
+    scores = dense.run(None, {"input": normalise(strip[None], meta)})[0][0, :, 0, :]
+    for k, index in enumerate(picks):
+        cell = 4 * k  # digit k starts at 8k px; stride 2
+        assert scores[:, cell].argmax() == y_test[index]
+
+
+def test_demo_recreates_the_bundled_model(tmp_path: Path, digits_files: tuple[Path, Path]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "demo", "--model-repository", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "held-out accuracy" in result.stdout
+    assert "training digits" in result.stderr  # the progress bar
+    fresh = tmp_path / "digits" / "1"
+    assert held_out_accuracy(fresh / "model.onnx") == held_out_accuracy(digits_files[0])
+    probe = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    ours, theirs = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(
+            None, {"input": probe}
+        )[0]
+        for p in (fresh / "model.onnx", digits_files[0])
+    )
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)  # deterministic under the fixed seed
