@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from export.cli import add_commands as add_export_commands
 from export.errors import ExportError
 
-from . import BUNDLED_REPOSITORY
+from . import BUNDLED_REPOSITORY, settings
 
 __all__ = ["build_parser", "main"]
 
@@ -23,8 +23,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve convolutional classifiers (ONNX Runtime, gRPC, dense evaluation).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model repository over gRPC (KServe v2), metrics over HTTP",
+        description="Every flag also reads an environment variable, shown in brackets.",
+    )
+    settings.add_arguments(serve)
+    serve.set_defaults(handler=_serve)
     add_export_commands(commands, BUNDLED_REPOSITORY)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .logs import configure_logging
+    from .server import run_server
+
+    try:
+        chosen = settings.from_arguments(args)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
+    configure_logging(chosen.log_format, chosen.log_level)
+    return asyncio.run(run_server(chosen))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        args.handler(args)
+        code = args.handler(args)
     except ExportError as exc:
         print(f"convserve {args.command}: error: {exc}", file=sys.stderr)
         return 1
@@ -49,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

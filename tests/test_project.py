@@ -11,8 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          check=False)
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_ruff_is_clean() -> None:
@@ -42,6 +41,10 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_mandated_top_level() -> None:
-    for name in ("service", "proto", "export", "deploy", "tests", "Dockerfile",
-                 "pyproject.toml"):
+    for name in ("service", "proto", "export", "deploy", "tests", "Dockerfile", "pyproject.toml"):
         assert (ROOT / name).exists(), name
+
+
+def test_generated_stubs_are_current() -> None:
+    result = run(sys.executable, "proto/generate.py", "--check")
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,243 @@
+"""Dynamic batching for one served model: a bounded queue and one worker per runtime instance.
+
+Contract:
+* ``submit`` enqueues a request of ``count`` images (its inputs share a leading batch axis) and
+  returns its own rows of every output. A full queue raises ResourceExhausted at once.
+* A worker waits for the first request (an Event, no polling). With a zero window it then takes
+  whatever has queued, so a lone request pays nothing and batches grow by themselves while an
+  instance is busy (work-conserving); with a window it waits until the window, measured from the
+  first request on the monotonic clock, ends or the batch is full.
+* A batch holds requests of one shape key only (dense images of different sizes never share a
+  batch) and at most ``max_batch_size`` images, cut at the largest preferred size that fits.
+* Requests whose deadline has passed or whose caller has gone are dropped before they cost
+  compute. An error in a batch reaches every request in it; the next batch runs normally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
+
+__all__ = ["BatchObserver", "BatchQueue", "Pending", "RunBatch"]
+
+log = logging.getLogger(__name__)
+
+RunBatch = Callable[[Mapping[str, np.ndarray], int], Sequence[np.ndarray]]
+"""``run(feeds, instance)``: every output for a stacked batch, leading axis = total images."""
+
+
+class BatchObserver(Protocol):
+    """Told about what the batcher does (statistics and metrics)."""
+
+    def batch_done(self, images: int, requests: int, compute_seconds: float) -> None:
+        """A batch ran (successfully or not)."""
+
+    def queued(self, pending: Pending, waited_seconds: float) -> None:
+        """A request left the queue for a batch."""
+
+    def dropped(self, reason: str) -> None:
+        """A request was dropped before compute: deadline, cancelled, queue_full, draining."""
+
+    def depth(self, images: int) -> None:
+        """Images now waiting."""
+
+
+@dataclass(eq=False)
+class Pending:
+    """One request waiting for its rows."""
+
+    inputs: Mapping[str, np.ndarray]
+    count: int
+    key: Hashable
+    deadline: float | None
+    future: asyncio.Future[list[np.ndarray]]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class BatchQueue:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        run: RunBatch,
+        executor: Executor,
+        *,
+        instances: int,
+        max_batch_size: int,
+        max_queue_delay_microseconds: int = 0,
+        preferred_batch_size: Sequence[int] = (),
+        max_queue_size: int = 0,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._run = run
+        self._executor = executor
+        self._max_batch = max(1, max_batch_size)
+        self._delay = max_queue_delay_microseconds / 1e6
+        self._preferred = sorted(p for p in preferred_batch_size if p <= self._max_batch)
+        self._max_queue = max_queue_size
+        self._observer = observer
+        self._queue: deque[Pending] = deque()
+        self._images = 0
+        self._arrived = asyncio.Event()
+        self._closing = False
+        self._workers = [
+            asyncio.create_task(self._work(i), name=f"batch-worker-{i}") for i in range(instances)
+        ]
+
+    @property
+    def waiting(self) -> int:
+        """Requests in the queue."""
+        return len(self._queue)
+
+    def submit(
+        self, inputs: Mapping[str, np.ndarray], count: int, key: Hashable, deadline: float | None
+    ) -> asyncio.Future[list[np.ndarray]]:
+        """Enqueue a request; await the returned future for its rows of every output.
+
+        Raises:
+            ResourceExhausted: the queue is full.
+            Unavailable: the batcher is closing (the model version is being replaced).
+        """
+        if self._closing:
+            raise Unavailable("the model version is being unloaded; retry")
+        if self._max_queue and len(self._queue) >= self._max_queue:
+            if self._observer:
+                self._observer.dropped("queue_full")
+            raise ResourceExhausted(
+                f"queue full: {len(self._queue)} requests waiting (max_queue_size "
+                f"{self._max_queue}); retry later"
+            )
+        future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
+        self._queue.append(Pending(inputs, count, key, deadline, future))
+        self._images += count
+        if self._observer:
+            self._observer.depth(self._images)
+        self._arrived.set()
+        return future
+
+    async def close(self) -> None:
+        """Stop taking requests, finish every queued one, then stop the workers."""
+        self._closing = True
+        self._arrived.set()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    # -- the worker loop: wait, collect, drop expired, stack, run, check, split, reply ----------
+    async def _work(self, instance: int) -> None:
+        while True:
+            while not self._queue:
+                if self._closing:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+            if self._delay:
+                await self._wait_window()
+            batch = self._collect()
+            if batch:
+                await self._execute(batch, instance)
+
+    async def _wait_window(self) -> None:
+        ends = self._queue[0].enqueued + self._delay
+        while not self._closing:
+            remaining = ends - time.monotonic()
+            if remaining <= 0 or self._images >= self._max_batch:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _usable(self, pending: Pending, now: float) -> bool:
+        if pending.future.done():  # the caller went away, or its own timeout ended it
+            if self._observer:
+                self._observer.dropped("cancelled" if pending.future.cancelled() else "deadline")
+            return False
+        if pending.deadline is not None and pending.deadline <= now:
+            pending.future.set_exception(
+                DeadlineExceeded("deadline passed while the request waited in the queue")
+            )
+            if self._observer:
+                self._observer.dropped("deadline")
+            return False
+        return True
+
+    def _collect(self) -> list[Pending]:
+        now = time.monotonic()
+        batch: list[Pending] = []
+        kept: deque[Pending] = deque()
+        key: Hashable = None
+        images = 0
+        available = self._images
+        limit = self._max_batch
+        fitting = [p for p in self._preferred if p <= available]
+        if fitting:
+            limit = fitting[-1]
+        while self._queue:
+            pending = self._queue.popleft()
+            if not self._usable(pending, now):
+                self._images -= pending.count
+                continue
+            if not batch:
+                key = pending.key
+            if pending.key == key and images + pending.count <= limit:
+                batch.append(pending)
+                images += pending.count
+                self._images -= pending.count
+                if images == limit:
+                    break
+            else:
+                kept.append(pending)
+        kept.extend(self._queue)
+        self._queue = kept
+        if self._observer:
+            self._observer.depth(self._images)
+            for pending in batch:
+                self._observer.queued(pending, now - pending.enqueued)
+        return batch
+
+    async def _execute(self, batch: list[Pending], instance: int) -> None:
+        names = list(batch[0].inputs)
+        if len(batch) == 1:
+            feeds = dict(batch[0].inputs)
+        else:
+            feeds = {n: np.concatenate([p.inputs[n] for p in batch]) for n in names}
+        total = sum(p.count for p in batch)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run, feeds, instance)
+            wrong = [o.shape for o in outputs if o.ndim == 0 or o.shape[0] != total]
+            if wrong:
+                raise ServingError(
+                    f"the model returned {list(wrong[0])} rows for a batch of {total}"
+                )
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        finally:
+            if self._observer:
+                self._observer.batch_done(total, len(batch), time.perf_counter() - started)
+        offset = 0
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_result([o[offset : offset + pending.count] for o in outputs])
+            offset += pending.count
+
+    @staticmethod
+    def _fail(batch: list[Pending], exc: Exception) -> None:
+        if not isinstance(exc, ServingError):
+            log.exception("batch of %d requests failed in the runtime", len(batch), exc_info=exc)
+            exc = ServingError("inference failed inside the runtime")
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(exc)

@@ -1,0 +1,227 @@
+"""KServe v2 protobuf messages to numpy arrays and back, checked before any allocation.
+
+Every size that comes from the client (shape, element count, byte length) is checked against the
+server's limits and against the bytes actually received before ``numpy.frombuffer`` views them;
+raw contents are never copied on the way in.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._generated.inference import grpc_service_pb2 as pb
+from .errors import InvalidArgument, ResourceExhausted
+from .runtime import NUMPY_TYPES
+
+__all__ = ["InferenceRequest", "RequestedOutput", "decode_request", "encode_response"]
+
+# Which typed-contents field carries each datatype (FP16 and BF16 travel only as raw bytes).
+_TYPED_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    """An output the client asked for; ``classification`` > 0 asks for Triton's top-k strings."""
+
+    name: str
+    classification: int = 0
+
+
+@dataclass
+class InferenceRequest:
+    """A decoded request, the same for every API behind the servicers."""
+
+    model_name: str
+    model_version: str
+    id: str
+    inputs: dict[str, np.ndarray]
+    outputs: list[RequestedOutput] = field(default_factory=list)
+    timeout_us: int = 0
+
+
+def _parameter(params: object, key: str) -> object:
+    value = params.get(key)  # type: ignore[attr-defined]
+    if value is None:
+        return None
+    kind = value.WhichOneof("parameter_choice")
+    return getattr(value, kind) if kind else None
+
+
+def _int_parameter(params: object, key: str, where: str) -> int:
+    value = _parameter(params, key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(
+            f"{where} parameter '{key}' must be a non-negative integer, got {value!r}"
+        )
+    return value
+
+
+def _element_count(name: str, shape: Sequence[int], limit: int) -> int:
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"input '{name}': shape {list(shape)} has a negative dimension")
+    count = math.prod(shape)
+    if count > limit:
+        raise ResourceExhausted(
+            f"input '{name}': shape {list(shape)} has {count} elements; the server accepts at "
+            f"most {limit} per tensor"
+        )
+    return count
+
+
+def _from_raw(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes, count: int, dtype: np.dtype
+) -> np.ndarray:
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidArgument(
+            f"input '{tensor.name}': raw contents hold {len(raw)} bytes; shape "
+            f"{list(tensor.shape)} of {tensor.datatype} needs {expected}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.shape))
+
+
+def _from_typed(
+    tensor: pb.ModelInferRequest.InferInputTensor, count: int, dtype: np.dtype
+) -> np.ndarray:
+    field_name = _TYPED_FIELD.get(tensor.datatype)
+    if field_name is None:
+        raise InvalidArgument(
+            f"input '{tensor.name}': {tensor.datatype} can only be sent as raw_input_contents"
+        )
+    values = getattr(tensor.contents, field_name)
+    if len(values) != count:
+        raise InvalidArgument(
+            f"input '{tensor.name}': {field_name} holds {len(values)} values; shape "
+            f"{list(tensor.shape)} needs {count}"
+        )
+    array = np.asarray(values)
+    if (
+        dtype.kind in "iu"
+        and count
+        and (array.min() < np.iinfo(dtype).min or array.max() > np.iinfo(dtype).max)
+    ):
+        raise InvalidArgument(
+            f"input '{tensor.name}': a value in {field_name} is out of range for {tensor.datatype}"
+        )
+    return array.astype(dtype, copy=False).reshape(tuple(tensor.shape))
+
+
+def decode_request(request: pb.ModelInferRequest, max_elements: int) -> InferenceRequest:
+    """Turn a ModelInferRequest into arrays, after checking every client-supplied size.
+
+    Raises:
+        InvalidArgument: raw and typed contents mixed, a count or byte length that does not
+            match the shape, an unknown datatype, or a bad parameter.
+        ResourceExhausted: a tensor larger than ``max_elements``.
+    """
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "send one per input, in the same order"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name in inputs:
+            raise InvalidArgument(f"input '{tensor.name}' is given twice")
+        dtype = NUMPY_TYPES.get(tensor.datatype)
+        if dtype is None:
+            raise InvalidArgument(
+                f"input '{tensor.name}': datatype '{tensor.datatype}' is not supported"
+            )
+        if raw and tensor.HasField("contents"):
+            raise InvalidArgument(
+                f"input '{tensor.name}': both raw_input_contents and contents are set; "
+                "use one of them for all inputs"
+            )
+        count = _element_count(tensor.name, tensor.shape, max_elements)
+        inputs[tensor.name] = (
+            _from_raw(tensor, raw[index], count, dtype)
+            if raw
+            else _from_typed(tensor, count, dtype)
+        )
+    outputs = [
+        RequestedOutput(
+            o.name, _int_parameter(o.parameters, "classification", f"output '{o.name}'")
+        )
+        for o in request.outputs
+    ]
+    return InferenceRequest(
+        request.model_name,
+        request.model_version,
+        request.id,
+        inputs,
+        outputs,
+        _int_parameter(request.parameters, "timeout", "request"),
+    )
+
+
+def _classification(scores: np.ndarray, k: int, labels: Sequence[str] | None) -> bytes:
+    """Triton's classification extension: per row, top-k "value:index[:label]" BYTES."""
+    rows = scores.reshape(scores.shape[0], -1)
+    k = min(k, rows.shape[1])
+    top = np.argsort(-rows, axis=1, kind="stable")[:, :k]
+    parts = []
+    for row, indices in zip(rows, top, strict=True):
+        for index in indices:
+            text = f"{row[index]:f}:{index}"
+            if labels is not None and index < len(labels):
+                text += f":{labels[index]}"
+            encoded = text.encode()
+            parts.append(struct.pack("<I", len(encoded)) + encoded)
+    return b"".join(parts)
+
+
+def encode_response(
+    request: InferenceRequest,
+    model_name: str,
+    version: int,
+    outputs: Sequence[tuple[str, str, np.ndarray]],
+    labels: Sequence[str] | None,
+) -> pb.ModelInferResponse:
+    """Build a ModelInferResponse with raw output contents.
+
+    Args:
+        request: the decoded request (its id and requested outputs).
+        model_name: the served name.
+        version: the version that answered.
+        outputs: every model output as (name, datatype, rows of this request).
+        labels: class labels for the classification extension, if the model has them.
+    """
+    response = pb.ModelInferResponse(
+        model_name=model_name, model_version=str(version), id=request.id
+    )
+    wanted = request.outputs or [RequestedOutput(name) for name, _, _ in outputs]
+    by_name = {name: (datatype, value) for name, datatype, value in outputs}
+    for requested in wanted:
+        datatype, value = by_name[requested.name]
+        tensor = response.outputs.add(name=requested.name)
+        if requested.classification:
+            k = min(requested.classification, int(np.prod(value.shape[1:])) or 1)
+            tensor.datatype = "BYTES"
+            tensor.shape.extend([value.shape[0], k])
+            response.raw_output_contents.append(_classification(value, k, labels))
+        else:
+            tensor.datatype = datatype
+            tensor.shape.extend(value.shape)
+            response.raw_output_contents.append(np.ascontiguousarray(value).tobytes())
+    return response

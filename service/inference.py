@@ -1,0 +1,94 @@
+"""The data plane: one decoded request in, the model's rows for it out, for every API.
+
+Servicers translate protocol messages into :class:`InferenceRequest` and call :meth:`infer`; the
+request is looked up, checked, queued with its deadline, and answered from its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .codec import InferenceRequest
+from .errors import DeadlineExceeded, Unavailable
+from .metrics import UNKNOWN_MODEL
+from .repository import ModelRepository, ServedModel
+from .validation import check_request
+
+__all__ = ["DataPlane", "Outcome"]
+
+
+@dataclass
+class Outcome:
+    """What the data plane learned about a request, for the servicer's metrics."""
+
+    model: str = UNKNOWN_MODEL
+    version: str = ""
+
+
+class DataPlane:
+    """See the module docstring."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+        self.draining = False
+
+    def model(self, name: str, version: str, outcome: Outcome) -> ServedModel:
+        """Look a served model up, refusing new work while draining."""
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        model = self.repository.get(name, version)
+        outcome.model, outcome.version = model.name, str(model.version)
+        return model
+
+    async def infer(
+        self, request: InferenceRequest, deadline: float | None, outcome: Outcome
+    ) -> tuple[ServedModel, list[np.ndarray]]:
+        """Run ``request`` through its model's batcher.
+
+        Args:
+            request: the decoded request.
+            deadline: the gRPC deadline on the monotonic clock, if the client set one.
+            outcome: filled with the model and version that answered.
+
+        Returns:
+            The model that answered and this request's rows of every output.
+
+        Raises:
+            ServingError: unknown model, invalid input, full queue, deadline passed, draining.
+        """
+        model = self.model(request.model_name, request.model_version, outcome)
+        count, key = check_request(request, model)
+        started = time.monotonic()
+        timeout_us = request.timeout_us or model.config.batching.default_timeout_microseconds
+        if timeout_us:
+            own = started + timeout_us / 1e6
+            deadline = own if deadline is None else min(deadline, own)
+        future = model.batcher.submit(request.inputs, count, key, deadline)
+        ok = False
+        try:
+            if deadline is None:
+                rows = await future
+            else:
+                rows = await self._wait(future, deadline)
+            ok = True
+            return model, rows
+        finally:
+            model.stats.finished(ok, time.monotonic() - started)
+
+    @staticmethod
+    async def _wait(future: asyncio.Future[list[np.ndarray]], deadline: float) -> list[np.ndarray]:
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), deadline - time.monotonic())
+        except TimeoutError:
+            error = DeadlineExceeded("deadline exceeded before the result was ready")
+            if not future.done():  # tells the batcher to drop it as expired, not cancelled
+                future.set_exception(error)
+                future.exception()
+            raise error from None
+        except asyncio.CancelledError:
+            future.cancel()
+            raise

@@ -1,0 +1,117 @@
+"""Served models described as KServe v2 / Triton messages (metadata, config, statistics)."""
+
+from __future__ import annotations
+
+from ._generated.inference import grpc_service_pb2 as pb
+from .repository import ModelRepository, ServedModel
+from .statistics import Duration
+
+__all__ = ["model_config", "model_metadata", "model_statistics", "repository_index"]
+
+PLATFORM = "onnxruntime_onnx"
+
+
+def model_metadata(model: ServedModel, versions: list[int]) -> pb.ModelMetadataResponse:
+    """ModelMetadata: every tensor with its full shape (batch axis -1 when batching)."""
+    response = pb.ModelMetadataResponse(
+        name=model.name, platform=PLATFORM, versions=[str(v) for v in versions]
+    )
+    for target, specs in ((response.inputs, model.inputs), (response.outputs, model.outputs)):
+        for spec in specs:
+            target.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+    return response
+
+
+def model_config(model: ServedModel) -> pb.ModelConfigResponse:
+    """ModelConfig in Triton's terms; with batching, dims leave the batch axis out."""
+    skip = 1 if model.max_batch_size > 0 else 0
+    batching = model.config.batching
+    config = pb.ModelConfig(
+        name=model.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        max_batch_size=model.max_batch_size,
+        default_model_filename=("model.dense.onnx" if model.dense else "model.onnx"),
+        dynamic_batching=pb.ModelDynamicBatching(
+            preferred_batch_size=list(batching.preferred_batch_size),
+            max_queue_delay_microseconds=batching.max_queue_delay_microseconds,
+            default_queue_policy=pb.ModelQueuePolicy(
+                max_queue_size=batching.max_queue_size,
+                default_timeout_microseconds=batching.default_timeout_microseconds,
+            ),
+        ),
+    )
+    config.instance_group.add(
+        count=model.config.instances,
+        kind=pb.ModelInstanceGroup.KIND_GPU
+        if model.runtime.on_cuda
+        else pb.ModelInstanceGroup.KIND_CPU,
+    )
+    policy = model.config.versions
+    if policy.kind == "all":
+        config.version_policy.all.SetInParent()
+    elif policy.kind == "specific":
+        config.version_policy.specific.versions.extend(policy.versions)
+    else:
+        config.version_policy.latest.num_versions = policy.num_versions
+    for spec in model.inputs:
+        layout = (
+            pb.ModelInput.FORMAT_NCHW
+            if model.info.layout == "NCHW"
+            else (pb.ModelInput.FORMAT_NONE)
+        )
+        config.input.add(
+            name=spec.name,
+            data_type=_data_type(spec.datatype),
+            format=layout,
+            dims=list(spec.shape[skip:]),
+        )
+    for spec in model.outputs:
+        config.output.add(
+            name=spec.name, data_type=_data_type(spec.datatype), dims=list(spec.shape[skip:])
+        )
+    if model.info.dense is not None:
+        geometry = model.info.dense
+        config.parameters["dense_stride"].string_value = ",".join(map(str, geometry.stride))
+        config.parameters["dense_window"].string_value = ",".join(map(str, geometry.window))
+    return pb.ModelConfigResponse(config=config)
+
+
+def _data_type(datatype: str) -> int:
+    return int(pb.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"))
+
+
+def _duration(value: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=value.count, ns=value.ns)
+
+
+def model_statistics(models: list[ServedModel]) -> pb.ModelStatisticsResponse:
+    """ModelStatistics for the given served versions."""
+    response = pb.ModelStatisticsResponse()
+    for model in models:
+        stats = model.stats
+        entry = response.model_stats.add(
+            name=model.name,
+            version=str(model.version),
+            last_inference=stats.last_inference_ms,
+            inference_count=stats.inference_count,
+            execution_count=stats.execution_count,
+            inference_stats=pb.InferStatistics(
+                success=_duration(stats.success),
+                fail=_duration(stats.fail),
+                queue=_duration(stats.queue),
+                compute_infer=_duration(stats.compute_infer),
+            ),
+        )
+        for size, duration in sorted(stats.batches.items()):
+            entry.batch_stats.add(batch_size=size, compute_infer=_duration(duration))
+    return response
+
+
+def repository_index(repository: ModelRepository, ready_only: bool) -> pb.RepositoryIndexResponse:
+    """RepositoryIndex: every model on disk with its state."""
+    response = pb.RepositoryIndexResponse()
+    for name, version, state, reason in repository.index():
+        if not ready_only or state == "READY":
+            response.models.add(name=name, version=version, state=state, reason=reason)
+    return response

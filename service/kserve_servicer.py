@@ -1,0 +1,194 @@
+"""``inference.GRPCInferenceService``: KServe v2 over gRPC, translating only.
+
+Each RPC turns its message into a domain call and the result back into a message; errors become
+statuses in :mod:`service.rpc`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import TypeAlias
+
+import grpc
+
+from . import __version__
+from ._generated.inference import grpc_service_pb2 as pb
+from ._generated.inference import grpc_service_pb2_grpc as pb_grpc
+from .codec import decode_request, encode_response
+from .errors import InvalidArgument, ModelNotFound, ServingError
+from .inference import DataPlane, Outcome
+from .kserve_messages import model_config, model_metadata, model_statistics, repository_index
+from .rpc import deadline_of, guarded, inference_call
+
+__all__ = ["KServeServicer"]
+
+log = logging.getLogger(__name__)
+
+Context: TypeAlias = grpc.aio.ServicerContext
+EXTENSIONS = [
+    "classification",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "parameters",
+]
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """See the module docstring."""
+
+    def __init__(self, plane: DataPlane, max_elements: int) -> None:
+        self._plane = plane
+        self._repository = plane.repository
+        self._max_elements = max_elements
+        self.loaded = False  # set by the server once the startup load has finished
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Context
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Context
+    ) -> pb.ServerReadyResponse:
+        ready = self.loaded and not self._plane.draining and self._repository.all_ready()
+        return pb.ServerReadyResponse(ready=ready)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Context
+    ) -> pb.ModelReadyResponse:
+        try:
+            self._repository.get(request.name, request.version)
+        except (ModelNotFound, InvalidArgument):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=not self._plane.draining)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Context
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name="convserve", version=__version__, extensions=EXTENSIONS
+        )
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Context
+    ) -> pb.ModelMetadataResponse:
+        async with guarded(context):
+            model = self._repository.get(request.name, request.version)
+            return model_metadata(model, self._repository.versions(model.name))
+        raise AssertionError("unreachable")  # abort raised inside guarded
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Context
+    ) -> pb.ModelConfigResponse:
+        async with guarded(context):
+            return model_config(self._repository.get(request.name, request.version))
+        raise AssertionError("unreachable")
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Context
+    ) -> pb.ModelStatisticsResponse:
+        async with guarded(context):
+            if request.name:
+                models = (
+                    [self._repository.get(request.name, request.version)]
+                    if request.version
+                    else [
+                        self._repository.get(request.name, str(v))
+                        for v in self._repository.versions(request.name)
+                    ]
+                )
+                if not models:
+                    raise ModelNotFound(request.name)
+            else:
+                models = self._repository.served()
+            return model_statistics(models)
+        raise AssertionError("unreachable")
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Context
+    ) -> pb.RepositoryIndexResponse:
+        return repository_index(self._repository, request.ready)
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        async with guarded(context):
+            if request.parameters:
+                raise InvalidArgument(
+                    "load parameters (config overrides, model files) are not "
+                    "supported; place the files in the repository"
+                )
+            try:
+                await self._repository.load(request.model_name)
+            except ValueError as exc:
+                raise InvalidArgument(f"cannot load '{request.model_name}': {exc}") from exc
+            return pb.RepositoryModelLoadResponse()
+        raise AssertionError("unreachable")
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        async with guarded(context):
+            await self._repository.unload(request.model_name)
+            return pb.RepositoryModelUnloadResponse()
+        raise AssertionError("unreachable")
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Context
+    ) -> pb.ModelInferResponse:
+        async with inference_call(context, "kserve") as outcome:
+            return await self._infer(request, deadline_of(context), outcome)
+        raise AssertionError("unreachable")
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, deadline: float | None, outcome: Outcome
+    ) -> pb.ModelInferResponse:
+        decoded = decode_request(request, self._max_elements)
+        model, rows = await self._plane.infer(decoded, deadline, outcome)
+        outputs = [
+            (spec.name, spec.datatype, value)
+            for spec, value in zip(model.outputs, rows, strict=True)
+        ]
+        return encode_response(decoded, model.name, model.version, outputs, model.info.labels)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Answers arrive in completion order; an error is reported in-band, per request."""
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(message: pb.ModelInferRequest) -> None:
+            try:
+                response = await self._infer(message, deadline_of(context), Outcome())
+                await answers.put(pb.ModelStreamInferResponse(infer_response=response))
+            except ServingError as exc:
+                await answers.put(
+                    pb.ModelStreamInferResponse(
+                        error_message=exc.message,
+                        infer_response=pb.ModelInferResponse(id=message.id),
+                    )
+                )
+            except Exception:
+                log.exception("stream request failed")
+                await answers.put(pb.ModelStreamInferResponse(error_message="internal error"))
+
+        async def read() -> None:
+            async for message in request_iterator:
+                task = asyncio.create_task(one(message))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*list(tasks))
+            await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+            for task in tasks:
+                task.cancel()

@@ -1,0 +1,340 @@
+"""The model repository: which models exist on disk, loading them, and name/version lookup.
+
+Layout (DESIGN.md section 3)::
+
+    <repository>/<model>/<version>/model.onnx         version: a positive integer
+    <repository>/<model>/<version>/model.dense.onnx   optional: also served as <model>_dense
+    <repository>/<model>/config.json                  optional serving knobs (Triton's names)
+
+Loading a model again (RepositoryModelLoad) builds and warms the new sessions first, then swaps
+them in at once; requests already holding the old version finish on it, and its batcher drains
+before it is dropped, so a reload while traffic flows loses no request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+from .batcher import BatchQueue
+from .errors import InvalidArgument, ModelNotFound
+from .model_config import ConfigError, ModelConfig, load_model_config
+from .model_info import ModelInfo, read_model_info
+from .runtime import DeviceChoice, Runtime, TensorSpec
+from .settings import Settings
+from .statistics import ModelStats
+
+__all__ = ["ModelRepository", "ServedModel"]
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+DENSE_FILE = "model.dense.onnx"
+DENSE_SUFFIX = "_dense"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+HealthHook = Callable[[str, bool], Awaitable[None]]
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """One served name at one version: sessions, batcher, description and statistics.
+
+    Attributes:
+        name: the served name (``digits`` or ``digits_dense``).
+        logical: the model's folder name (``digits``).
+        version: the version folder.
+        dense: this is the dense twin (``[N, K, *cells]`` out, dynamic spatial axes).
+        max_batch_size: images per batch; 0 when the model has no batch axis.
+    """
+
+    name: str
+    logical: str
+    version: int
+    dense: bool
+    runtime: Runtime
+    config: ModelConfig
+    max_batch_size: int
+    info: ModelInfo
+    stats: ModelStats
+    batcher: BatchQueue
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        """Input tensors (shape includes the batch axis, -1, when batching)."""
+        return self.runtime.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        """Output tensors."""
+        return self.runtime.outputs
+
+
+@dataclass(frozen=True)
+class _Built:
+    name: str
+    version: int
+    dense: bool
+    runtime: Runtime
+    max_batch_size: int
+    info: ModelInfo
+
+
+def _warm_up_feeds(
+    runtime: Runtime, info: ModelInfo, sizes: Sequence[int], batching: bool
+) -> list[dict[str, np.ndarray]]:
+    samples = []
+    for size in sizes if batching else [0]:
+        feeds = {}
+        for spec in runtime.inputs:
+            dims = list(spec.shape[1:] if batching else spec.shape)
+            if -1 in dims and info.window and info.channels and len(dims) == len(info.window) + 1:
+                dims = [info.channels, *info.window]
+            if -1 in dims:
+                return []  # variable dimensions with nothing to say what to warm up with
+            shape = [size, *dims] if batching else dims
+            feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        samples.append(feeds)
+    return samples
+
+
+class ModelRepository:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        root: Path,
+        settings: Settings,
+        device: DeviceChoice,
+        executor: Executor,
+        health: HealthHook,
+    ) -> None:
+        self.root = root
+        self._settings = settings
+        self._device = device
+        self._executor = executor
+        self._health = health
+        self._served: dict[str, dict[int, ServedModel]] = {}
+        self._state: dict[str, tuple[str, str]] = {}  # logical name -> (state, reason)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- lookup ----------------------------------------------------------------------------------
+    def get(self, name: str, version: str = "") -> ServedModel:
+        """The served model ``name`` at ``version`` ("" for the highest served).
+
+        Raises:
+            ModelNotFound: no such name, or no such version served.
+            InvalidArgument: ``version`` is not a positive integer.
+        """
+        versions = self._served.get(name)
+        if not versions:
+            raise ModelNotFound(name)
+        if not version:
+            return versions[max(versions)]
+        if not version.isdigit():
+            raise InvalidArgument(f"model version must be a positive integer, got '{version}'")
+        served = versions.get(int(version))
+        if served is None:
+            raise ModelNotFound(name, version)
+        return served
+
+    def served(self) -> list[ServedModel]:
+        """Every served model version, by name then version."""
+        return [v for name in sorted(self._served) for _, v in sorted(self._served[name].items())]
+
+    def versions(self, name: str) -> list[int]:
+        """Served versions of ``name``, ascending."""
+        return sorted(self._served.get(name, {}))
+
+    def on_disk(self) -> list[str]:
+        """Model folders in the repository."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and _NAME.match(p.name) and not p.name.startswith(".")
+        )
+
+    def index(self) -> list[tuple[str, str, str, str]]:
+        """(name, version, state, reason) for every model on disk, Triton's repository index."""
+        rows = []
+        for logical in self.on_disk():
+            state, reason = self._state.get(logical, ("UNAVAILABLE", "not loaded"))
+            names = [n for n in (logical, logical + DENSE_SUFFIX) if n in self._served]
+            if state == "READY" and names:
+                rows += [(n, str(v), state, reason) for n in names for v in self.versions(n)]
+            else:
+                rows.append((logical, "", state, reason))
+        return rows
+
+    def all_ready(self) -> bool:
+        """Every model the server was asked to serve is loaded and warm (unloaded ones aside)."""
+        return all(
+            state == "READY" or reason == "unloaded" for state, reason in self._state.values()
+        )
+
+    @staticmethod
+    def logical_name(name: str) -> str:
+        """The folder a served name comes from (``digits_dense`` -> ``digits``)."""
+        return name.removesuffix(DENSE_SUFFIX) if name.endswith(DENSE_SUFFIX) else name
+
+    # -- loading ---------------------------------------------------------------------------------
+    async def load_all(self) -> list[str]:
+        """Load every model on disk; returns the names that failed (with reasons logged)."""
+        failed = []
+        for logical in self.on_disk():
+            try:
+                await self.load(logical)
+            except (
+                ConfigError,
+                ModelNotFound,
+                InvalidArgument,
+                OSError,
+                ValueError,
+                RuntimeError,
+            ) as exc:
+                log.error("model %s failed to load: %s", logical, exc)
+                failed.append(logical)
+        return failed
+
+    async def load(self, name: str) -> None:
+        """(Re)load a model folder: build and warm the new versions, then swap them in.
+
+        Raises:
+            ModelNotFound: no such folder (or no version with a model.onnx in it).
+            ConfigError: its config.json is invalid.
+        """
+        logical = self.logical_name(name) if not (self.root / name).is_dir() else name
+        folder = self.root / logical
+        if not _NAME.match(logical) or not folder.is_dir():
+            raise ModelNotFound(name)
+        lock = self._locks.setdefault(logical, asyncio.Lock())
+        async with lock:
+            self._state[logical] = ("LOADING", "")
+            try:
+                config = load_model_config(folder / "config.json", self._settings)
+                on_disk = [
+                    int(p.name)
+                    for p in folder.iterdir()
+                    if p.name.isdigit() and int(p.name) > 0 and (p / MODEL_FILE).is_file()
+                ]
+                chosen = config.versions.select(on_disk)
+                if not chosen:
+                    raise ModelNotFound(logical)
+                built = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._build_all, logical, folder, chosen, config
+                )
+            except BaseException as exc:
+                self._state[logical] = ("UNAVAILABLE", str(exc))
+                raise
+            await self._swap(logical, [self._serve(b, logical, config) for b in built])
+            self._state[logical] = ("READY", "")
+
+    def _build_all(
+        self, logical: str, folder: Path, versions: list[int], config: ModelConfig
+    ) -> list[_Built]:
+        built = []
+        for version in versions:
+            for dense, filename in ((False, MODEL_FILE), (True, DENSE_FILE)):
+                path = folder / str(version) / filename
+                if path.is_file():
+                    name = logical + DENSE_SUFFIX if dense else logical
+                    built.append(self._build(name, version, path, dense, config))
+        return built
+
+    def _build(
+        self, name: str, version: int, path: Path, dense: bool, config: ModelConfig
+    ) -> _Built:
+        runtime = Runtime(
+            path, self._device, config.instances, self._settings.cpu_threads, dynamic_shapes=dense
+        )
+        info = read_model_info(runtime.metadata)
+        batching = config.batching.max_batch_size > 0
+        if batching and any(spec.shape[:1] != (-1,) for spec in runtime.inputs):
+            log.warning("%s v%d: first input dimension is fixed, so batching is off", name, version)
+            batching = False
+        max_batch = config.batching.max_batch_size if batching else 0
+        sizes = sorted({1, *config.batching.preferred_batch_size, max_batch} - {0})
+        runtime.warm_up(_warm_up_feeds(runtime, info, sizes[:1] if dense else sizes, batching))
+        log.info(
+            "loaded %s v%d from %s on %s (%d instance(s), %d thread(s) each, max_batch_size %d)",
+            name,
+            version,
+            path,
+            runtime.provider,
+            len(runtime.sessions),
+            runtime.threads,
+            max_batch,
+        )
+        return _Built(name, version, dense, runtime, max_batch, info)
+
+    def _serve(self, built: _Built, logical: str, config: ModelConfig) -> ServedModel:
+        stats = ModelStats(built.name, str(built.version))
+        batching = config.batching
+        batcher = BatchQueue(
+            built.runtime.run,
+            self._executor,
+            instances=len(built.runtime.sessions),
+            max_batch_size=max(1, built.max_batch_size),
+            max_queue_delay_microseconds=batching.max_queue_delay_microseconds,
+            preferred_batch_size=batching.preferred_batch_size,
+            max_queue_size=batching.max_queue_size,
+            observer=stats,
+        )
+        return ServedModel(
+            built.name,
+            logical,
+            built.version,
+            built.dense,
+            built.runtime,
+            config,
+            built.max_batch_size,
+            built.info,
+            stats,
+            batcher,
+        )
+
+    async def _swap(self, logical: str, fresh: list[ServedModel]) -> None:
+        names = (logical, logical + DENSE_SUFFIX)
+        old = [m for n in names for m in self._served.get(n, {}).values()]
+        for name in names:
+            self._served.pop(name, None)
+        for model in fresh:
+            self._served.setdefault(model.name, {})[model.version] = model
+        for model in old:
+            metrics.MODEL_READY.labels(model.name, str(model.version), model.runtime.provider).set(
+                0
+            )
+        for model in fresh:
+            metrics.MODEL_READY.labels(model.name, str(model.version), model.runtime.provider).set(
+                1
+            )
+        for name in names:
+            await self._health(name, name in self._served)
+        await asyncio.gather(*(m.batcher.close() for m in old))
+
+    async def unload(self, name: str) -> None:
+        """Stop serving a model folder; in-flight requests finish first.
+
+        Raises:
+            ModelNotFound: the model is not loaded.
+        """
+        logical = self.logical_name(name) if name not in self._state else name
+        if logical not in self._state:
+            raise ModelNotFound(name)
+        async with self._locks.setdefault(logical, asyncio.Lock()):
+            await self._swap(logical, [])
+            self._state[logical] = ("UNAVAILABLE", "unloaded")
+
+    async def close(self) -> None:
+        """Drain every batcher (at shutdown)."""
+        await asyncio.gather(*(m.batcher.close() for m in self.served()))

@@ -1,0 +1,207 @@
+"""ONNX Runtime sessions: provider choice, thread sizing, I/O binding and warm-up.
+
+The only module that imports onnxruntime. ``--device auto`` uses CUDA only when a CUDA session
+really runs: onnxruntime falls back to the CPU silently when CUDA or cuDNN cannot load, so the
+session's providers are checked, and the fallback is logged once with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+__all__ = ["DeviceChoice", "Runtime", "TensorSpec", "available_cores"]
+
+log = logging.getLogger(__name__)
+
+# ONNX Runtime's element types to the KServe v2 datatype names, and on to numpy.
+DATATYPES = {
+    "tensor(float)": "FP32",
+    "tensor(float16)": "FP16",
+    "tensor(double)": "FP64",
+    "tensor(uint8)": "UINT8",
+    "tensor(int8)": "INT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(int16)": "INT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(int32)": "INT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int64)": "INT64",
+    "tensor(bool)": "BOOL",
+}
+NUMPY_TYPES: dict[str, np.dtype[Any]] = {
+    "FP32": np.dtype(np.float32),
+    "FP16": np.dtype(np.float16),
+    "FP64": np.dtype(np.float64),
+    "UINT8": np.dtype(np.uint8),
+    "INT8": np.dtype(np.int8),
+    "UINT16": np.dtype(np.uint16),
+    "INT16": np.dtype(np.int16),
+    "UINT32": np.dtype(np.uint32),
+    "INT32": np.dtype(np.int32),
+    "UINT64": np.dtype(np.uint64),
+    "INT64": np.dtype(np.int64),
+    "BOOL": np.dtype(np.bool_),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output: KServe datatype and shape (-1 for a variable dimension)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The numpy dtype of this tensor."""
+        return NUMPY_TYPES[self.datatype]
+
+
+def available_cores() -> int:
+    """CPU cores this process may use: affinity, then the cgroup quota (containers)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+class DeviceChoice:
+    """Resolves ``--device`` once per process and remembers the outcome.
+
+    ``auto`` tries CUDA with the first model and keeps CPU for all if that session does not
+    really run on CUDA; ``cuda``/``cuda:N`` fail loudly instead of falling back.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.requested = device
+        self.device_id = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+        self._use_cuda: bool | None = None if device != "cpu" else False
+        self._lock = threading.Lock()
+        if self._use_cuda is None and "CUDAExecutionProvider" not in ort.get_available_providers():
+            self._fallback("this onnxruntime build has no CUDA execution provider")
+
+    def _fallback(self, reason: str) -> None:
+        if self.requested != "auto":
+            raise RuntimeError(f"--device {self.requested}: {reason}")
+        log.warning("CUDA not used (%s); running every model on the CPU", reason)
+        self._use_cuda = False
+
+    def session(
+        self, path: Path, options: ort.SessionOptions, cuda_options: Mapping[str, str]
+    ) -> ort.InferenceSession:
+        """Create a session on the chosen device (deciding it on first use)."""
+        with self._lock:
+            if self._use_cuda is not False:
+                cuda = ("CUDAExecutionProvider", {"device_id": str(self.device_id), **cuda_options})
+                if self._use_cuda is None:
+                    _preload_cuda_libraries()
+                ort.set_default_logger_severity(4)  # a failed provider is noisy; we log one line
+                try:
+                    session = ort.InferenceSession(
+                        str(path), options, providers=[cuda, "CPUExecutionProvider"]
+                    )
+                finally:
+                    ort.set_default_logger_severity(3)
+                if session.get_providers()[0] == "CUDAExecutionProvider":
+                    if self._use_cuda is None:
+                        log.info("running on CUDA device %d", self.device_id)
+                    self._use_cuda = True
+                    return session
+                self._fallback(
+                    "the CUDA provider did not initialise: no GPU visible, or the "
+                    "CUDA 13 / cuDNN 9 libraries failed to load"
+                )
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _preload_cuda_libraries() -> None:
+    # CUDA 13 / cuDNN 9 shipped as Python packages (e.g. beside PyTorch) are not on the loader's
+    # path; onnxruntime can load them first. Harmless where the libraries are system-wide.
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # preload is best effort; the provider check decides
+        log.debug("onnxruntime.preload_dlls() failed: %s", exc)
+
+
+def _specs(values: Sequence[ort.NodeArg]) -> list[TensorSpec]:
+    specs = []
+    for value in values:
+        if value.type not in DATATYPES:
+            raise ValueError(f"tensor '{value.name}' has unsupported type {value.type}")
+        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in value.shape)
+        specs.append(TensorSpec(value.name, DATATYPES[value.type], shape))
+    return specs
+
+
+class Runtime:
+    """One model file loaded into ``instances`` ONNX Runtime sessions.
+
+    Each instance runs one batch at a time; the batcher gives each of its workers one instance.
+    ``run`` releases the GIL inside ONNX Runtime, so it is called from a thread pool.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        device: DeviceChoice,
+        instances: int,
+        cpu_threads: int,
+        dynamic_shapes: bool,
+    ) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        threads = cpu_threads or max(1, available_cores() // instances)
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Spinning threads would steal the cores the gRPC event loop needs between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        cuda_options = {
+            "do_copy_in_default_stream": "1",
+            "arena_extend_strategy": "kSameAsRequested" if dynamic_shapes else "kNextPowerOfTwo",
+            "cudnn_conv_algo_search": "HEURISTIC" if dynamic_shapes else "EXHAUSTIVE",
+        }
+        self.sessions = [device.session(path, options, cuda_options) for _ in range(instances)]
+        self.device_id = device.device_id
+        first = self.sessions[0]
+        self.provider = first.get_providers()[0]
+        self.on_cuda = self.provider == "CUDAExecutionProvider"
+        self.threads = threads
+        self.inputs = _specs(first.get_inputs())
+        self.outputs = _specs(first.get_outputs())
+        self.output_names = [o.name for o in self.outputs]
+        self.metadata: dict[str, str] = dict(first.get_modelmeta().custom_metadata_map)
+
+    def run(self, feeds: Mapping[str, np.ndarray], instance: int = 0) -> list[np.ndarray]:
+        """Run one batch on one instance; returns every output, in the model's order."""
+        session = self.sessions[instance]
+        if not self.on_cuda:
+            return session.run(self.output_names, dict(feeds))  # type: ignore[no-any-return]
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", self.device_id)
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()  # type: ignore[no-any-return]
+
+    def warm_up(self, samples: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """Run every instance once on each sample (first-run allocation and algorithm search)."""
+        for instance in range(len(self.sessions)):
+            for feeds in samples:
+                self.run(feeds, instance)

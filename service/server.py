@@ -1,0 +1,108 @@
+"""The composition root: builds every part, listens, loads models, drains on SIGTERM.
+
+Order of life: the gRPC port opens first (liveness answers, health is NOT_SERVING), then every
+model loads and warms up, then health turns SERVING. On SIGTERM or SIGINT: health turns
+NOT_SERVING, new requests get UNAVAILABLE, in-flight requests finish within the drain grace, and
+the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ._generated.inference import grpc_service_pb2 as kserve_pb
+from ._generated.inference import grpc_service_pb2_grpc as kserve_grpc
+from .health import Health
+from .inference import DataPlane
+from .kserve_servicer import KServeServicer
+from .metrics import serve_metrics
+from .repository import ModelRepository
+from .runtime import DeviceChoice, available_cores
+from .settings import Settings
+
+__all__ = ["run_server"]
+
+log = logging.getLogger(__name__)
+
+
+def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def run_server(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit code."""
+    if not settings.model_repository.is_dir():
+        log.error("model repository %s does not exist", settings.model_repository)
+        return 2
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    metrics_port = serve_metrics(settings.host, settings.metrics_port)
+    log.info("metrics listening on %s:%d", settings.host, metrics_port)
+
+    executor = ThreadPoolExecutor(
+        max_workers=max(4, available_cores() * 2), thread_name_prefix="inference"
+    )
+    device = DeviceChoice(settings.device)
+    health = Health(lambda: repository.all_ready())
+    repository = ModelRepository(
+        settings.model_repository, settings, device, executor, health.model
+    )
+    plane = DataPlane(repository)
+    kserve = KServeServicer(plane, settings.max_tensor_elements)
+
+    server = grpc.aio.server(options=_grpc_options(settings))
+    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        kserve, server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        [
+            kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    if port == 0:
+        log.error("cannot listen on %s:%d", settings.host, settings.grpc_port)
+        return 2
+    await health.starting()
+    await server.start()
+    log.info("grpc listening on %s:%d", settings.host, port)
+
+    failed = await repository.load_all()
+    if failed:
+        log.error("models failed to load: %s; shutting down", ", ".join(failed))
+        await server.stop(0)
+        executor.shutdown(wait=False, cancel_futures=True)
+        return 1
+    kserve.loaded = True
+    await health.started()
+    log.info(
+        "ready: serving %s", ", ".join(sorted({m.name for m in repository.served()})) or "no models"
+    )
+
+    await stop.wait()
+    log.info("draining: finishing in-flight requests (grace %.1f s)", settings.drain_grace_seconds)
+    plane.draining = True
+    await health.draining()
+    await server.stop(settings.drain_grace_seconds)
+    await repository.close()
+    executor.shutdown(wait=True)
+    log.info("stopped")
+    return 0

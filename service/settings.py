@@ -1,0 +1,126 @@
+"""Server settings: declared once, typed and defaulted, each a flag and an environment variable.
+
+``--grpc-port`` is also ``CONVSERVE_GRPC_PORT``: prefix, upper case, dashes to underscores. A flag
+on the command line wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from . import BUNDLED_REPOSITORY
+
+__all__ = ["ENV_PREFIX", "Settings", "add_arguments", "from_arguments"]
+
+ENV_PREFIX = "CONVSERVE_"
+
+
+def _setting(default: Any, help_text: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``convserve serve`` can be told (see ``convserve serve --help``)."""
+
+    model_repository: Path = _setting(BUNDLED_REPOSITORY, "model repository folder")
+    host: str = _setting("0.0.0.0", "address to listen on")
+    grpc_port: int = _setting(8001, "gRPC port (0 picks a free one; the chosen port is logged)")
+    metrics_port: int = _setting(8002, "Prometheus /metrics port (0 picks a free one)")
+    device: str = _setting("auto", "auto, cpu, cuda or cuda:N (auto: CUDA when it really runs)")
+    max_message_bytes: int = _setting(64 << 20, "largest gRPC message accepted or sent")
+    max_tensor_elements: int = _setting(
+        1 << 26, "largest element count of one request tensor, checked before allocation"
+    )
+    log_format: str = _setting("text", "text or json", choices=("text", "json"))
+    log_level: str = _setting(
+        "info", "debug, info, warning or error", choices=("debug", "info", "warning", "error")
+    )
+    drain_grace_seconds: float = _setting(
+        20.0, "on SIGTERM, how long in-flight requests may take to finish"
+    )
+    max_batch_size: int = _setting(32, "default max_batch_size (images per batch)")
+    max_queue_delay_microseconds: int = _setting(
+        0, "default batching window; 0 is work-conserving (no waiting)"
+    )
+    preferred_batch_size: tuple[int, ...] = _setting(
+        (), "default preferred batch sizes (also warmed up at load)", nargs="*"
+    )
+    max_queue_size: int = _setting(
+        1024, "default queue bound in requests; full: RESOURCE_EXHAUSTED"
+    )
+    default_timeout_microseconds: int = _setting(0, "default per-request queue timeout (0: none)")
+    instances: int = _setting(1, "default runtime instances per model")
+    cpu_threads: int = _setting(0, "ONNX Runtime threads per CPU instance (0: cores / instances)")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "grpc_port": 0 <= self.grpc_port <= 65535,
+            "metrics_port": 0 <= self.metrics_port <= 65535,
+            "max_message_bytes": self.max_message_bytes >= 1024,
+            "max_tensor_elements": self.max_tensor_elements >= 1,
+            "drain_grace_seconds": self.drain_grace_seconds >= 0,
+            "max_batch_size": self.max_batch_size >= 1,
+            "max_queue_delay_microseconds": self.max_queue_delay_microseconds >= 0,
+            "max_queue_size": self.max_queue_size >= 0,
+            "default_timeout_microseconds": self.default_timeout_microseconds >= 0,
+            "instances": self.instances >= 1,
+            "cpu_threads": self.cpu_threads >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid setting {bad[0]}={getattr(self, bad[0])!r}")
+        if not (
+            self.device in ("auto", "cpu", "cuda")
+            or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        ):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _convert(kind: Any, text: str) -> Any:
+    if kind in (int, "int"):
+        return int(text)
+    if kind in (float, "float"):
+        return float(text)
+    if kind in (Path, "Path"):
+        return Path(text)
+    if kind in (tuple[int, ...], "tuple[int, ...]"):
+        return tuple(int(v) for v in text.replace(",", " ").split())
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting, defaulting to its environment variable, then its default."""
+    for spec in fields(Settings):
+        env = _env_name(spec.name)
+        default = spec.default
+        if env in os.environ:
+            default = _convert(spec.type, os.environ[env])
+        options: dict[str, Any] = {
+            "default": default,
+            "dest": spec.name,
+            "help": f"{spec.metadata['help']} [{env}]",
+        }
+        if "choices" in spec.metadata:
+            options["choices"] = spec.metadata["choices"]
+        if spec.metadata.get("nargs"):
+            options["nargs"] = spec.metadata["nargs"]
+            options["type"] = int
+        elif spec.type not in (str, "str"):
+            options["type"] = lambda text, kind=spec.type: _convert(kind, text)
+        parser.add_argument("--" + spec.name.replace("_", "-"), **options)
+
+
+def from_arguments(args: argparse.Namespace) -> Settings:
+    """Settings from parsed flags (see :func:`add_arguments`)."""
+    values = {spec.name: getattr(args, spec.name) for spec in fields(Settings)}
+    values["preferred_batch_size"] = tuple(values["preferred_batch_size"])
+    return Settings(**values)

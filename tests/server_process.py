@@ -1,0 +1,110 @@
+"""Start a real ``convserve serve`` process on free ports and stop it, for tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+_GRPC = re.compile(r"grpc listening on [^:]+:(\d+)")
+_METRICS = re.compile(r"metrics listening on [^:]+:(\d+)")
+
+
+class ServerProcess:
+    """A server subprocess; ``grpc_address`` and ``metrics_url`` once :meth:`start` returns."""
+
+    def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.command = [
+            sys.executable,
+            "-m",
+            "service",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--model-repository",
+            str(repository),
+            *args,
+        ]
+        self.env = {**os.environ, **(env or {})}
+        self.lines: list[str] = []
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._ready = threading.Event()
+        self.process: subprocess.Popen[str] | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self, timeout: float = 90) -> ServerProcess:
+        self.process = subprocess.Popen(
+            self.command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=self.env
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise RuntimeError("server did not become ready:\n" + "".join(self.lines))
+        if not self.grpc_port:
+            raise RuntimeError("server exited:\n" + "".join(self.lines))
+        return self
+
+    def _read(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            if match := _GRPC.search(line):
+                self.grpc_port = int(match.group(1))
+            if match := _METRICS.search(line):
+                self.metrics_port = int(match.group(1))
+            if " ready: " in line:
+                self._ready.set()
+        self._ready.set()
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(10)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False

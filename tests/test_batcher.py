@@ -1,0 +1,201 @@
+"""The batcher on its own, with a runtime stand-in that records what it was given."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.batcher import BatchQueue
+from service.errors import DeadlineExceeded, ResourceExhausted, ServingError
+
+
+class Recorder:
+    """Runs 'the model' (rows times two plus one) and records batch sizes; can be gated."""
+
+    def __init__(self, fail_when=None) -> None:  # type: ignore[no-untyped-def]
+        self.sizes: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail_when = fail_when
+
+    def __call__(self, feeds, instance):  # type: ignore[no-untyped-def]
+        x = feeds["x"]
+        self.entered.set()
+        self.gate.wait(10)
+        self.sizes.append(int(x.shape[0]))
+        if self.fail_when is not None and self.fail_when(x):
+            raise RuntimeError("the model failed on this batch")
+        return [x * 2 + 1]
+
+
+@pytest.fixture()
+def executor():
+    with ThreadPoolExecutor(4) as pool:
+        yield pool
+
+
+def rows(n: int, start: float) -> np.ndarray:
+    return np.arange(start, start + n * 3, dtype=np.float32).reshape(n, 3)
+
+
+async def test_lone_request_pays_no_window(executor) -> None:
+    run = Recorder()
+    queue = BatchQueue(run, executor, instances=1, max_batch_size=8)
+    out = await queue.submit({"x": rows(2, 0)}, 2, (3,), None)
+    np.testing.assert_array_equal(out[0], rows(2, 0) * 2 + 1)
+    assert run.sizes == [2]
+    await queue.close()
+
+
+async def test_requests_queued_while_busy_share_the_next_batch(executor) -> None:
+    run = Recorder()
+    run.gate.clear()
+    queue = BatchQueue(run, executor, instances=1, max_batch_size=8)
+    first = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
+    await asyncio.to_thread(run.entered.wait, 5)  # the instance is now busy with `first`
+    later = [queue.submit({"x": rows(1, 10 * i)}, 1, (3,), None) for i in range(1, 6)]
+    await asyncio.sleep(0.05)
+    assert not any(f.done() for f in later)
+    run.gate.set()
+    results = await asyncio.gather(first, *later)
+    assert run.sizes == [1, 5]
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result[0], rows(1, 10 * i) * 2 + 1)
+    await queue.close()
+
+
+async def test_window_holds_the_batch_until_full(executor) -> None:
+    run = Recorder()
+    queue = BatchQueue(
+        run, executor, instances=1, max_batch_size=4, max_queue_delay_microseconds=5_000_000
+    )
+    futures = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(3)]
+    await asyncio.sleep(0.1)
+    assert not any(f.done() for f in futures) and run.sizes == []
+    futures.append(queue.submit({"x": rows(1, 3)}, 1, (3,), None))
+    await asyncio.wait_for(asyncio.gather(*futures), 2)  # full: no need to wait 5 s
+    assert run.sizes == [4]
+    await queue.close()
+
+
+async def test_window_ends_on_the_monotonic_clock(executor) -> None:
+    run = Recorder()
+    queue = BatchQueue(
+        run, executor, instances=1, max_batch_size=64, max_queue_delay_microseconds=100_000
+    )
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.gather(*(queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(3)))
+    assert loop.time() - started >= 0.09
+    assert run.sizes == [3]
+    await queue.close()
+
+
+async def test_shapes_never_share_a_batch(executor) -> None:
+    run = Recorder()
+    run.gate.clear()
+    queue = BatchQueue(run, executor, instances=1, max_batch_size=16)
+    blocker = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
+    await asyncio.to_thread(run.entered.wait, 5)
+    small = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(3)]
+    wide = [queue.submit({"x": np.ones((1, 5), np.float32)}, 1, (5,), None) for _ in range(2)]
+    run.gate.set()
+    await asyncio.gather(blocker, *small, *wide)
+    assert run.sizes == [1, 3, 2]
+    await queue.close()
+
+
+async def test_preferred_batch_size_cuts_the_batch(executor) -> None:
+    run = Recorder()
+    run.gate.clear()
+    queue = BatchQueue(run, executor, instances=1, max_batch_size=16, preferred_batch_size=[4])
+    blocker = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
+    await asyncio.to_thread(run.entered.wait, 5)
+    rest = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(6)]
+    run.gate.set()
+    await asyncio.gather(blocker, *rest)
+    assert run.sizes == [1, 4, 2]
+    await queue.close()
+
+
+async def test_full_queue_is_refused_at_once(executor) -> None:
+    run = Recorder()
+    run.gate.clear()
+    queue = BatchQueue(run, executor, instances=1, max_batch_size=1, max_queue_size=2)
+    busy = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
+    await asyncio.to_thread(run.entered.wait, 5)
+    waiting = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(2)]
+    with pytest.raises(ResourceExhausted, match=r"queue full: 2 requests waiting"):
+        queue.submit({"x": rows(1, 9)}, 1, (3,), None)
+    run.gate.set()
+    await asyncio.gather(busy, *waiting)
+    await queue.close()
+
+
+async def test_expired_and_cancelled_requests_cost_no_compute(executor) -> None:
+    run = Recorder()
+    run.gate.clear()
+    queue = BatchQueue(run, executor, instances=1, max_batch_size=8)
+    busy = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
+    await asyncio.to_thread(run.entered.wait, 5)
+    expired = queue.submit({"x": rows(1, 1)}, 1, (3,), time.monotonic() + 0.01)
+    cancelled = queue.submit({"x": rows(1, 2)}, 1, (3,), None)
+    alive = queue.submit({"x": rows(1, 3)}, 1, (3,), None)
+    cancelled.cancel()
+    await asyncio.sleep(0.05)
+    run.gate.set()
+    await busy
+    np.testing.assert_array_equal((await alive)[0], rows(1, 3) * 2 + 1)
+    with pytest.raises(DeadlineExceeded):
+        await expired
+    assert run.sizes == [1, 1]  # only `busy` and `alive` reached the model
+    await queue.close()
+
+
+async def test_an_error_reaches_the_whole_batch_and_the_next_batch_runs(executor) -> None:
+    run = Recorder(fail_when=lambda x: bool((x < 0).any()))
+    run.gate.clear()
+    queue = BatchQueue(run, executor, instances=1, max_batch_size=8)
+    busy = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
+    await asyncio.to_thread(run.entered.wait, 5)
+    doomed = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(2)]
+    doomed.append(queue.submit({"x": -rows(1, 1)}, 1, (3,), None))
+    run.gate.set()
+    await busy
+    for future in doomed:
+        with pytest.raises(ServingError, match="inference failed inside the runtime"):
+            await future
+    after = await queue.submit({"x": rows(2, 5)}, 2, (3,), None)
+    np.testing.assert_array_equal(after[0], rows(2, 5) * 2 + 1)
+    assert run.sizes == [1, 3, 2]
+    await queue.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=5), min_size=1, max_size=24),
+    instances=st.integers(min_value=1, max_value=3),
+)
+def test_every_request_gets_exactly_its_own_rows(sizes: list[int], instances: int) -> None:
+    async def scenario() -> None:
+        with ThreadPoolExecutor(4) as pool:
+            run = Recorder()
+            queue = BatchQueue(run, pool, instances=instances, max_batch_size=8)
+            inputs = [rows(n, 1000 * i) for i, n in enumerate(sizes)]
+            results = await asyncio.gather(
+                *(queue.submit({"x": x}, len(x), (3,), None) for x in inputs)
+            )
+            for x, result in zip(inputs, results, strict=True):
+                np.testing.assert_array_equal(result[0], x * 2 + 1)
+            assert sum(run.sizes) == sum(sizes) and max(run.sizes) <= 8
+            await queue.close()
+
+    asyncio.run(scenario())
