@@ -11,6 +11,7 @@ import grpc
 __all__ = [
     "DeadlineExceeded",
     "InvalidArgument",
+    "ModelLoadFailed",
     "ModelNotFound",
     "ResourceExhausted",
     "ServingError",
@@ -60,3 +61,10 @@ class Unavailable(ServingError):
     """The server is draining, or the model version is being replaced; retry elsewhere."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class ModelLoadFailed(ServingError):
+    """A model's files or config could not be loaded; the message says which and why."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"model '{name}' failed to load: {reason}")

@@ -121,10 +121,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     "load parameters (config overrides, model files) are not "
                     "supported; place the files in the repository"
                 )
-            try:
-                await self._repository.load(request.model_name)
-            except ValueError as exc:
-                raise InvalidArgument(f"cannot load '{request.model_name}': {exc}") from exc
+            await self._repository.load(request.model_name)
             return pb.RepositoryModelLoadResponse()
         raise AssertionError("unreachable")
 

@@ -25,8 +25,8 @@ import numpy as np
 
 from . import metrics
 from .batcher import BatchQueue
-from .errors import InvalidArgument, ModelNotFound
-from .model_config import ConfigError, ModelConfig, load_model_config
+from .errors import InvalidArgument, ModelLoadFailed, ModelNotFound, ServingError
+from .model_config import ModelConfig, load_model_config
 from .model_info import ModelInfo, read_model_info
 from .runtime import DeviceChoice, Runtime, TensorSpec
 from .settings import Settings
@@ -194,15 +194,8 @@ class ModelRepository:
         for logical in self.on_disk():
             try:
                 await self.load(logical)
-            except (
-                ConfigError,
-                ModelNotFound,
-                InvalidArgument,
-                OSError,
-                ValueError,
-                RuntimeError,
-            ) as exc:
-                log.error("model %s failed to load: %s", logical, exc)
+            except ServingError as exc:
+                log.error("%s", exc.message)
                 failed.append(logical)
         return failed
 
@@ -211,7 +204,7 @@ class ModelRepository:
 
         Raises:
             ModelNotFound: no such folder (or no version with a model.onnx in it).
-            ConfigError: its config.json is invalid.
+            ModelLoadFailed: its config.json is invalid or a model file does not load.
         """
         logical = self.logical_name(name) if not (self.root / name).is_dir() else name
         folder = self.root / logical
@@ -233,9 +226,13 @@ class ModelRepository:
                 built = await asyncio.get_running_loop().run_in_executor(
                     self._executor, self._build_all, logical, folder, chosen, config
                 )
-            except BaseException as exc:
-                self._state[logical] = ("UNAVAILABLE", str(exc))
+            except ModelNotFound:
+                self._state[logical] = ("UNAVAILABLE", "no version folder with a model.onnx")
                 raise
+            except Exception as exc:  # onnxruntime raises its own types for bad files
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                self._state[logical] = ("UNAVAILABLE", reason)
+                raise ModelLoadFailed(logical, reason) from exc
             await self._swap(logical, [self._serve(b, logical, config) for b in built])
             self._state[logical] = ("READY", "")
 

@@ -84,8 +84,11 @@ async def run_server(settings: Settings) -> int:
     await health.starting()
     await server.start()
     log.info("grpc listening on %s:%d", settings.host, port)
-
-    failed = await repository.load_all()
+    try:
+        failed = await repository.load_all()
+    except BaseException:
+        await server.stop(0)
+        raise
     if failed:
         log.error("models failed to load: %s; shutting down", ", ".join(failed))
         await server.stop(0)

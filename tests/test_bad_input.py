@@ -1,0 +1,256 @@
+"""Bad input gets a clear status and message, and never hurts the next request."""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from service import BUNDLED_REPOSITORY
+from tests.server_process import ServerProcess
+
+MAX_MESSAGE = 1 << 20
+MAX_ELEMENTS = 100_000
+
+
+@pytest.fixture(scope="module")
+def stub():
+    with (
+        ServerProcess(
+            BUNDLED_REPOSITORY,
+            "--max-message-bytes",
+            str(MAX_MESSAGE),
+            "--max-tensor-elements",
+            str(MAX_ELEMENTS),
+        ) as server,
+        grpc.insecure_channel(
+            server.grpc_address, options=[("grpc.max_send_message_length", 64 << 20)]
+        ) as channel,
+    ):
+        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def request(
+    model: str = "digits",
+    shape=(1, 1, 8, 8),
+    datatype: str = "FP32",
+    data: bytes | None = None,
+    name: str = "input",
+) -> service_pb2.ModelInferRequest:
+    message = service_pb2.ModelInferRequest(model_name=model)
+    message.inputs.add(name=name, datatype=datatype, shape=list(shape))
+    if data is None:
+        data = np.zeros((1, 1, 8, 8), np.float32).tobytes()
+    message.raw_input_contents.append(data)
+    return message
+
+
+def assert_status(stub, message, code: grpc.StatusCode, pattern: str) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ModelInfer(message)
+    assert error.value.code() == code, error.value.details()
+    assert re.search(pattern, error.value.details()), error.value.details()
+    # ...and the server still answers a valid request correctly.
+    reply = stub.ModelInfer(request())
+    assert list(reply.outputs[0].shape) == [1, 10]
+    assert np.isfinite(np.frombuffer(reply.raw_output_contents[0], np.float32)).all()
+
+
+def test_unknown_model(stub) -> None:
+    assert_status(
+        stub, request(model="nope"), grpc.StatusCode.NOT_FOUND, r"model 'nope' is not served"
+    )
+
+
+def test_unknown_version(stub) -> None:
+    message = request()
+    message.model_version = "7"
+    assert_status(
+        stub, message, grpc.StatusCode.NOT_FOUND, r"model 'digits' version '7' is not served"
+    )
+
+
+def test_wrong_datatype(stub) -> None:
+    data = np.zeros((1, 1, 8, 8), np.float64).tobytes()
+    assert_status(
+        stub,
+        request(datatype="FP64", data=data),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"input 'input': datatype FP64 does not match the model's FP32",
+    )
+
+
+def test_unsupported_datatype(stub) -> None:
+    assert_status(
+        stub,
+        request(datatype="COMPLEX"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"datatype 'COMPLEX' is not supported",
+    )
+
+
+def test_wrong_shape(stub) -> None:
+    shape = (1, 1, 8, 9)
+    assert_status(
+        stub,
+        request(shape=shape, data=np.zeros(shape, np.float32).tobytes()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"shape \[1, 1, 8, 9\] does not match the model's \[-1, 1, 8, 8\] at "
+        r"dimension 3",
+    )
+
+
+def test_wrong_rank(stub) -> None:
+    shape = (1, 64)
+    assert_status(
+        stub,
+        request(shape=shape, data=np.zeros(shape, np.float32).tobytes()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"has rank 2; the model expects rank 4",
+    )
+
+
+def test_raw_byte_length(stub) -> None:
+    assert_status(
+        stub,
+        request(data=b"\x00" * 100),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"raw contents hold 100 bytes; shape \[1, 1, 8, 8\] of FP32 needs 256",
+    )
+
+
+def test_missing_input(stub) -> None:
+    message = service_pb2.ModelInferRequest(model_name="digits")
+    assert_status(
+        stub,
+        message,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"input 'input' is missing; model 'digits' takes inputs \['input'\]",
+    )
+
+
+def test_extra_input(stub) -> None:
+    message = request()
+    message.inputs.add(name="mask", datatype="FP32", shape=[1])
+    message.raw_input_contents.append(b"\x00" * 4)
+    assert_status(stub, message, grpc.StatusCode.INVALID_ARGUMENT, r"input 'mask' is unknown")
+
+
+def test_raw_count_must_match_inputs(stub) -> None:
+    message = request()
+    message.raw_input_contents.append(b"")
+    assert_status(
+        stub,
+        message,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"raw_input_contents has 2 entries for 1 inputs",
+    )
+
+
+def test_both_raw_and_typed(stub) -> None:
+    message = request()
+    message.inputs[0].contents.fp32_contents.extend([0.0] * 64)
+    assert_status(
+        stub,
+        message,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"both raw_input_contents and contents are set",
+    )
+
+
+def test_typed_count(stub) -> None:
+    message = service_pb2.ModelInferRequest(model_name="digits")
+    tensor = message.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+    tensor.contents.fp32_contents.extend([0.0] * 63)
+    assert_status(
+        stub,
+        message,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"fp32_contents holds 63 values; shape \[1, 1, 8, 8\] needs 64",
+    )
+
+
+def test_batch_above_max(stub) -> None:
+    shape = (33, 1, 8, 8)
+    assert_status(
+        stub,
+        request(shape=shape, data=np.zeros(shape, np.float32).tobytes()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"batch of 33 is outside 1..32 \(max_batch_size of model 'digits'\)",
+    )
+
+
+def test_negative_dimension(stub) -> None:
+    assert_status(
+        stub,
+        request(shape=(1, 1, -8, 8)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"shape \[1, 1, -8, 8\] has a negative dimension",
+    )
+
+
+def test_huge_claimed_shape_is_refused_before_allocation(stub) -> None:
+    shape = (1, 1, 1 << 30, 1 << 30)  # 2**60 elements claimed, 256 bytes sent
+    assert_status(
+        stub,
+        request(shape=shape),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        r"has 1152921504606846976 elements; the server accepts at most 100000",
+    )
+
+
+def test_oversized_message(stub) -> None:
+    shape = (4, 1, 256, 256)  # 1 MiB of float32 plus headers: above --max-message-bytes
+    data = np.zeros(shape, np.float32).tobytes()
+    assert_status(
+        stub,
+        request(model="digits_dense", shape=shape, data=data),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        r"(?i)received message larger than max",
+    )
+
+
+def test_dense_input_smaller_than_window(stub) -> None:
+    shape = (1, 1, 6, 20)
+    assert_status(
+        stub,
+        request(model="digits_dense", shape=shape, data=np.zeros(shape, np.float32).tobytes()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"spatial size \[6, 20\] is smaller than the model's window \[8, 8\]",
+    )
+
+
+def test_bad_timeout_parameter(stub) -> None:
+    message = request()
+    message.parameters["timeout"].string_param = "soon"
+    assert_status(
+        stub,
+        message,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"parameter 'timeout' must be a non-negative integer",
+    )
+
+
+def test_unknown_requested_output(stub) -> None:
+    message = request()
+    message.outputs.add(name="probabilities")
+    assert_status(
+        stub,
+        message,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"output 'probabilities' is unknown; model 'digits' has outputs \['logits'\]",
+    )
+
+
+def test_non_numeric_version(stub) -> None:
+    message = request()
+    message.model_version = "latest"
+    assert_status(
+        stub,
+        message,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"model version must be a positive integer, got 'latest'",
+    )

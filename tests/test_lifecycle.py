@@ -1,0 +1,248 @@
+"""Health, reflection, graceful drain, reloads and deadlines, against real server processes."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from service import BUNDLED_REPOSITORY
+from tests import onnx_models
+from tests.server_process import ServerProcess
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def slow_input(rows: int = 1) -> triton.InferInput:
+    tensor = triton.InferInput("x", [rows, 1024], "FP32")
+    tensor.set_data_from_numpy(np.full((rows, 1024), 0.5, np.float32))
+    return tensor
+
+
+@pytest.fixture()
+def slow_repository(tmp_path: Path) -> Path:
+    onnx_models.slow(tmp_path / "slow" / "1", depth=64, config={"max_batch_size": 4})
+    return tmp_path
+
+
+def grpcurl() -> str:
+    return str(Path(sys.executable).parent / "grpcurl")
+
+
+def test_health_per_model_and_overall_then_draining(slow_repository: Path) -> None:
+    shutil.copytree(BUNDLED_REPOSITORY / "digits", slow_repository / "digits")
+    server = ServerProcess(slow_repository).start()
+    try:
+        with grpc.insecure_channel(server.grpc_address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for name in ("", "digits", "digits_dense", "slow"):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=name))
+                assert reply.status == SERVING, name
+            with pytest.raises(grpc.RpcError) as error:
+                health.Check(health_pb2.HealthCheckRequest(service="nope"))
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+            assert next(watch).status == SERVING
+            server.signal(signal.SIGTERM)
+            assert next(watch).status == NOT_SERVING
+        assert server.wait(30) == 0
+    finally:
+        server.stop()
+
+
+def test_reflection_lists_services_with_grpcurl() -> None:
+    with ServerProcess(BUNDLED_REPOSITORY) as server:
+        result = subprocess.run(
+            [grpcurl(), "-plaintext", server.grpc_address, "list"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        services = result.stdout.split()
+        assert "inference.GRPCInferenceService" in services
+        assert "grpc.health.v1.Health" in services
+        described = subprocess.run(
+            [
+                grpcurl(),
+                "-plaintext",
+                "-d",
+                '{"name": "digits"}',
+                server.grpc_address,
+                "inference.GRPCInferenceService/ModelMetadata",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert '"platform": "onnxruntime_onnx"' in described.stdout, described.stderr
+
+
+def test_sigterm_under_load_fails_no_accepted_request(slow_repository: Path) -> None:
+    server = ServerProcess(slow_repository, "--drain-grace-seconds", "30").start()
+    client = triton.InferenceServerClient(server.grpc_address)
+    accepted: list[object] = []
+    lock = threading.Lock()
+    all_in = threading.Event()
+
+    def callback(result, error) -> None:
+        with lock:
+            accepted.append(error or result.as_numpy("y"))
+
+    try:
+        for _ in range(12):  # several batches of compute: still running when SIGTERM lands
+            client.async_infer("slow", [slow_input()], callback=callback)
+        time.sleep(0.3)
+        server.signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = server.wait(60)
+        all_in.set()
+        assert code == 0
+        assert time.monotonic() - started < 30
+        assert len(accepted) == 12
+        failures = [a for a in accepted if not isinstance(a, np.ndarray)]
+        assert not failures, failures
+        assert "draining" in server.log()
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("slow", [slow_input()], client_timeout=5)
+        assert "UNAVAILABLE" in str(error.value.status())
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_reload_with_a_new_version_while_traffic_flows(slow_repository: Path) -> None:
+    digits = slow_repository / "digits"
+    shutil.copytree(BUNDLED_REPOSITORY / "digits", digits)
+    x = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    with (
+        ServerProcess(slow_repository) as server,
+        triton.InferenceServerClient(server.grpc_address) as client,
+    ):
+        stop = threading.Event()
+        versions: list[str] = []
+        errors: list[Exception] = []
+
+        def traffic() -> None:
+            with triton.InferenceServerClient(server.grpc_address) as own:
+                while not stop.is_set():
+                    tensor = triton.InferInput("input", [1, 1, 8, 8], "FP32")
+                    tensor.set_data_from_numpy(x)
+                    try:
+                        versions.append(own.infer("digits", [tensor]).get_response().model_version)
+                    except InferenceServerException as exc:
+                        errors.append(exc)
+
+        workers = [threading.Thread(target=traffic) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        time.sleep(0.5)
+        shutil.copytree(digits / "1", digits / "2")
+        client.load_model("digits")
+        time.sleep(0.5)
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+        assert not errors, errors[:3]
+        assert versions[0] == "1" and versions[-1] == "2"
+        assert client.get_model_metadata("digits").versions == ["2"]
+        client.unload_model("digits")
+        assert not client.is_model_ready("digits")
+        index = {(m.name, m.state) for m in client.get_model_repository_index().models}
+        assert ("digits", "UNAVAILABLE") in index
+        client.load_model("digits")
+        assert client.is_model_ready("digits") and client.is_model_ready("digits_dense")
+
+
+def test_timeout_parameter_and_grpc_deadline(slow_repository: Path) -> None:
+    with (
+        ServerProcess(slow_repository) as server,
+        triton.InferenceServerClient(server.grpc_address) as client,
+    ):
+        outcomes: list[object] = []
+        for _ in range(6):  # a queue several batches deep
+            client.async_infer(
+                "slow",
+                [slow_input(4)],
+                callback=lambda result, error: outcomes.append(error or result),
+            )
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("slow", [slow_input()], timeout=1000)  # Triton's µs parameter
+        assert "DEADLINE_EXCEEDED" in str(error.value.status())
+        with pytest.raises(InferenceServerException) as error:
+            client.infer("slow", [slow_input()], client_timeout=0.001)
+        assert "DEADLINE_EXCEEDED" in str(error.value.status())
+        deadline = time.monotonic() + 60
+        while len(outcomes) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(not isinstance(o, Exception) for o in outcomes)
+        assert client.infer("slow", [slow_input()]).as_numpy("y").shape == (1, 1024)
+
+
+def test_startup_fails_clearly_on_a_broken_model(tmp_path: Path) -> None:
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not onnx at all")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "serve",
+            "--model-repository",
+            str(tmp_path),
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--host",
+            "127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "model 'broken' failed to load: " in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_json_is_refused(tmp_path: Path) -> None:
+    shutil.copytree(BUNDLED_REPOSITORY / "digits", tmp_path / "digits")
+    (tmp_path / "digits" / "config.json").write_text('{"max_batch_sise": 8}')
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "serve",
+            "--model-repository",
+            str(tmp_path),
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--host",
+            "127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "unknown field max_batch_sise" in result.stderr
