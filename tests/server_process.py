@@ -69,7 +69,7 @@ class ServerProcess:
                 self.grpc_port = int(match.group(1))
             if match := _METRICS.search(line):
                 self.metrics_port = int(match.group(1))
-            if " ready: " in line:
+            if "ready: serving" in line:
                 self._ready.set()
         self._ready.set()
 

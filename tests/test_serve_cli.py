@@ -1,0 +1,111 @@
+"""``convserve serve``: flags, their environment variables, logging formats, /metrics."""
+
+from __future__ import annotations
+
+import json
+import queue
+import urllib.request
+
+import numpy as np
+import tritonclient.grpc as triton
+
+from service import BUNDLED_REPOSITORY
+from service.settings import Settings
+from tests.server_process import ServerProcess
+
+
+def test_every_setting_has_a_flag_and_an_environment_variable() -> None:
+    from service.__main__ import build_parser
+
+    parser = build_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    helps = {a.dest: a.help for a in serve._actions}
+    for name in Settings.__dataclass_fields__:
+        assert f"[CONVSERVE_{name.upper()}]" in helps[name], name
+
+
+def test_environment_variables_configure_the_server(monkeypatch) -> None:
+    from service.__main__ import build_parser
+    from service.settings import from_arguments
+
+    monkeypatch.setenv("CONVSERVE_GRPC_PORT", "9123")
+    monkeypatch.setenv("CONVSERVE_PREFERRED_BATCH_SIZE", "4,8")
+    monkeypatch.setenv("CONVSERVE_DEVICE", "cpu")
+    args = build_parser().parse_args(["serve", "--metrics-port", "9124"])
+    settings = from_arguments(args)
+    assert settings.grpc_port == 9123 and settings.metrics_port == 9124
+    assert settings.preferred_batch_size == (4, 8) and settings.device == "cpu"
+    flag_wins = from_arguments(build_parser().parse_args(["serve", "--grpc-port", "7"]))
+    assert flag_wins.grpc_port == 7
+
+
+def test_invalid_setting_is_one_clear_line() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--device", "tpu"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "--device must be auto, cpu, cuda or cuda:N, got 'tpu'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_json_logs_and_ports_from_the_environment() -> None:
+    server = ServerProcess(
+        BUNDLED_REPOSITORY, "--log-format", "json", env={"CONVSERVE_MAX_BATCH_SIZE": "8"}
+    ).start()
+    try:
+        records = [json.loads(line) for line in server.lines if line.startswith("{")]
+        assert records and all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+        assert any("grpc listening on 127.0.0.1:" in r["message"] for r in records)
+        with triton.InferenceServerClient(server.grpc_address) as client:
+            assert client.get_model_config("digits").config.max_batch_size == 8
+    finally:
+        assert server.stop() == 0
+
+
+def test_metrics_endpoint_counts_requests() -> None:
+    with (
+        ServerProcess(BUNDLED_REPOSITORY) as server,
+        triton.InferenceServerClient(server.grpc_address) as client,
+    ):
+        x = np.zeros((2, 1, 8, 8), np.float32)
+        tensor = triton.InferInput("input", [2, 1, 8, 8], "FP32")
+        tensor.set_data_from_numpy(x)
+        client.infer("digits", [tensor])
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+        assert (
+            'convserve_requests_total{api="kserve",code="OK",model="digits",version="1"} 1.0'
+        ) in text
+        assert 'convserve_inferences_total{model="digits"} 2.0' in text
+        assert (
+            'convserve_model_ready{model="digits_dense",provider="CPUExecutionProvider",'
+            'version="1"} 1.0' in text
+        )
+
+
+def test_stream_infer() -> None:
+    with (
+        ServerProcess(BUNDLED_REPOSITORY) as server,
+        triton.InferenceServerClient(server.grpc_address) as client,
+    ):
+        answers: queue.Queue[object] = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put(error or result))
+        for i in range(5):
+            tensor = triton.InferInput("input", [1, 1, 8, 8], "FP32")
+            tensor.set_data_from_numpy(np.full((1, 1, 8, 8), i, np.float32))
+            client.async_stream_infer("digits", [tensor], request_id=str(i))
+        bad = triton.InferInput("input", [1, 1, 8, 9], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, 1, 8, 9), np.float32))
+        client.async_stream_infer("digits", [bad], request_id="bad")
+        got = [answers.get(timeout=30) for _ in range(6)]
+        client.stop_stream()
+        ids = sorted(r.get_response().id for r in got if hasattr(r, "get_response"))
+        assert ids == ["0", "1", "2", "3", "4"]
+        errors = [r for r in got if not hasattr(r, "get_response")]
+        assert len(errors) == 1 and "does not match the model's" in str(errors[0])
