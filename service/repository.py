@@ -106,6 +106,17 @@ def _warm_up_feeds(
     return samples
 
 
+def _warm_up_sizes(max_batch: int, preferred: Sequence[int], buckets: bool) -> list[int]:
+    """Batch sizes to warm up: 1, the preferred sizes and the maximum.
+
+    On CUDA also the powers of two in between; they become the sizes every batch is padded to.
+    """
+    sizes = {1, *preferred, max_batch} - {0}
+    if buckets:
+        sizes |= {2**i for i in range(max_batch.bit_length()) if 2**i <= max_batch}
+    return sorted(sizes)
+
+
 class ModelRepository:
     """See the module docstring."""
 
@@ -260,7 +271,11 @@ class ModelRepository:
             log.warning("%s v%d: first input dimension is fixed, so batching is off", name, version)
             batching = False
         max_batch = config.batching.max_batch_size if batching else 0
-        sizes = sorted({1, *config.batching.preferred_batch_size, max_batch} - {0})
+        sizes = _warm_up_sizes(
+            max_batch, config.batching.preferred_batch_size, runtime.on_cuda and not dense
+        )
+        if runtime.on_cuda and batching and not dense:
+            runtime.buckets = tuple(sizes)
         runtime.warm_up(_warm_up_feeds(runtime, info, sizes[:1] if dense else sizes, batching))
         log.info(
             "loaded %s v%d from %s on %s (%d instance(s), %d thread(s) each, max_batch_size %d)",

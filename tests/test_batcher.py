@@ -199,3 +199,11 @@ def test_every_request_gets_exactly_its_own_rows(sizes: list[int], instances: in
             await queue.close()
 
     asyncio.run(scenario())
+
+
+def test_cuda_batch_buckets() -> None:
+    from service.repository import _warm_up_sizes
+
+    assert _warm_up_sizes(32, (), buckets=False) == [1, 32]
+    assert _warm_up_sizes(32, (12,), buckets=True) == [1, 2, 4, 8, 12, 16, 32]
+    assert _warm_up_sizes(0, (), buckets=True) == [1]

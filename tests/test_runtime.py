@@ -1,0 +1,40 @@
+"""The runtime on the CPU: provider choice, thread sizing, padding to batch buckets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service import BUNDLED_REPOSITORY
+from service.runtime import DeviceChoice, Runtime, available_cores
+
+MODEL = BUNDLED_REPOSITORY / "digits" / "1" / "model.onnx"
+
+
+def test_cpu_runtime_describes_the_model() -> None:
+    runtime = Runtime(MODEL, DeviceChoice("cpu"), instances=2, cpu_threads=0, dynamic_shapes=False)
+    assert runtime.provider == "CPUExecutionProvider" and len(runtime.sessions) == 2
+    assert runtime.threads == max(1, available_cores() // 2)
+    assert [(t.name, t.datatype, t.shape) for t in runtime.inputs] == [
+        ("input", "FP32", (-1, 1, 8, 8))
+    ]
+    assert "convserve.labels" in runtime.metadata
+
+
+def test_padding_to_a_bucket_keeps_each_row_its_own() -> None:
+    runtime = Runtime(MODEL, DeviceChoice("cpu"), 1, 0, dynamic_shapes=False)
+    runtime.buckets = (1, 4, 8)
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    padded, rows = runtime._bucketed({"input": x})
+    assert rows == 3 and padded["input"].shape == (4, 1, 8, 8)
+    assert not padded["input"][3].any()
+    exact, none = runtime._bucketed({"input": x[:1]})
+    assert none is None and exact["input"].shape == (1, 1, 8, 8)
+
+
+def test_explicit_cuda_without_a_gpu_fails_loudly(monkeypatch) -> None:
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="--device cuda: this onnxruntime build has no CUDA"):
+        DeviceChoice("cuda")
