@@ -12,6 +12,8 @@ from export.cli import add_commands as add_export_commands
 from export.errors import ExportError
 
 from . import BUNDLED_REPOSITORY, settings
+from .client import ClientError
+from .client import add_commands as add_client_commands
 
 __all__ = ["build_parser", "main"]
 
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     settings.add_arguments(serve)
     serve.set_defaults(handler=_serve)
+    add_client_commands(commands)
     add_export_commands(commands, BUNDLED_REPOSITORY)
     return parser
 
@@ -56,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.handler(args)
-    except ExportError as exc:
+    except (ExportError, ClientError) as exc:
         print(f"convserve {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -87,16 +87,23 @@ def _element_count(name: str, shape: Sequence[int], limit: int) -> int:
     return count
 
 
-def _from_raw(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes, count: int, dtype: np.dtype
+def checked_frombuffer(
+    name: str, shape: Sequence[int], datatype: str, raw: bytes, max_elements: int
 ) -> np.ndarray:
-    expected = count * dtype.itemsize
-    if len(raw) != expected:
+    """View ``raw`` as an array of ``shape`` after checking the element count and byte length.
+
+    Raises:
+        InvalidArgument: a negative dimension or a byte length that does not match the shape.
+        ResourceExhausted: more than ``max_elements`` elements.
+    """
+    count = _element_count(name, shape, max_elements)
+    dtype = NUMPY_TYPES[datatype]
+    if len(raw) != count * dtype.itemsize:
         raise InvalidArgument(
-            f"input '{tensor.name}': raw contents hold {len(raw)} bytes; shape "
-            f"{list(tensor.shape)} of {tensor.datatype} needs {expected}"
+            f"input '{name}': raw contents hold {len(raw)} bytes; shape {list(shape)} of "
+            f"{datatype} needs {count * dtype.itemsize}"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.shape))
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(shape))
 
 
 def _from_typed(
@@ -153,12 +160,13 @@ def decode_request(request: pb.ModelInferRequest, max_elements: int) -> Inferenc
                 f"input '{tensor.name}': both raw_input_contents and contents are set; "
                 "use one of them for all inputs"
             )
-        count = _element_count(tensor.name, tensor.shape, max_elements)
-        inputs[tensor.name] = (
-            _from_raw(tensor, raw[index], count, dtype)
-            if raw
-            else _from_typed(tensor, count, dtype)
-        )
+        if raw:
+            inputs[tensor.name] = checked_frombuffer(
+                tensor.name, tensor.shape, tensor.datatype, raw[index], max_elements
+            )
+        else:
+            count = _element_count(tensor.name, tensor.shape, max_elements)
+            inputs[tensor.name] = _from_typed(tensor, count, dtype)
     outputs = [
         RequestedOutput(
             o.name, _int_parameter(o.parameters, "classification", f"output '{o.name}'")

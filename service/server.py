@@ -17,8 +17,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ._generated.convserve.v1 import classifier_pb2 as classifier_pb
+from ._generated.convserve.v1 import classifier_pb2_grpc as classifier_grpc
 from ._generated.inference import grpc_service_pb2 as kserve_pb
 from ._generated.inference import grpc_service_pb2_grpc as kserve_grpc
+from .classification import Classification
+from .classifier_servicer import ClassifierServicer
 from .health import Health
 from .inference import DataPlane
 from .kserve_servicer import KServeServicer
@@ -63,15 +67,21 @@ async def run_server(settings: Settings) -> int:
     )
     plane = DataPlane(repository)
     kserve = KServeServicer(plane, settings.max_tensor_elements)
+    decoders = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="decode")
+    classifier = ClassifierServicer(
+        Classification(plane, settings, decoders), settings.max_tensor_elements
+    )
 
     server = grpc.aio.server(options=_grpc_options(settings))
     kserve_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
         kserve, server
     )
+    classifier_grpc.add_ClassifierServicer_to_server(classifier, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         [
             kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            classifier_pb.DESCRIPTOR.services_by_name["Classifier"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ],
@@ -107,5 +117,6 @@ async def run_server(settings: Settings) -> int:
     await server.stop(settings.drain_grace_seconds)
     await repository.close()
     executor.shutdown(wait=True)
+    decoders.shutdown(wait=True)
     log.info("stopped")
     return 0

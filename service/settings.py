@@ -36,6 +36,16 @@ class Settings:
     max_tensor_elements: int = _setting(
         1 << 26, "largest element count of one request tensor, checked before allocation"
     )
+    max_image_bytes: int = _setting(16 << 20, "largest encoded image accepted (bytes)")
+    max_image_pixels: int = _setting(
+        50_000_000, "largest decoded image accepted (pixels), checked from the header"
+    )
+    max_map_cells: int = _setting(
+        1 << 20, "largest score map a dense request may ask for (cells over all copies)"
+    )
+    max_dense_copies: int = _setting(
+        64, "largest number of shifted and scaled copies one dense request may ask for"
+    )
     log_format: str = _setting("text", "text or json", choices=("text", "json"))
     log_level: str = _setting(
         "info", "debug, info, warning or error", choices=("debug", "info", "warning", "error")
@@ -63,6 +73,10 @@ class Settings:
             "metrics_port": 0 <= self.metrics_port <= 65535,
             "max_message_bytes": self.max_message_bytes >= 1024,
             "max_tensor_elements": self.max_tensor_elements >= 1,
+            "max_image_bytes": self.max_image_bytes >= 1,
+            "max_image_pixels": self.max_image_pixels >= 1,
+            "max_map_cells": self.max_map_cells >= 1,
+            "max_dense_copies": self.max_dense_copies >= 1,
             "drain_grace_seconds": self.drain_grace_seconds >= 0,
             "max_batch_size": self.max_batch_size >= 1,
             "max_queue_delay_microseconds": self.max_queue_delay_microseconds >= 0,

@@ -1,0 +1,410 @@
+"""Classify and ClassifyDense: images in, labels and class-probability maps out.
+
+Both go through the same data plane and batchers as KServe v2 requests for the same model:
+Classify uses the classifier (``<name>``), ClassifyDense the dense twin (``<name>_dense``) or,
+in crops mode, the classifier on every window. Decoding and preprocessing run off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+from PIL import Image
+
+from . import dense, images, metrics
+from .codec import InferenceRequest
+from .errors import InvalidArgument, ModelNotFound, ResourceExhausted
+from .inference import DataPlane, Outcome
+from .model_info import DenseInfo, ModelInfo
+from .repository import DENSE_SUFFIX, ServedModel
+from .settings import Settings
+
+__all__ = ["Classification", "DenseQuery", "DenseResult", "ImageInput", "Labelled"]
+
+T = TypeVar("T")
+DEFAULT_TOP_K = 5
+MAX_DIVISOR = 8
+MAX_SCALE = 4.0
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image: encoded bytes, or an already preprocessed float32 tensor."""
+
+    encoded: bytes | None = None
+    tensor: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """A class with its probability, and for dense results where it peaks."""
+
+    label: str
+    index: int
+    probability: float
+    best_cell: tuple[int, ...] = ()
+    box: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class DenseQuery:
+    """The options of one ClassifyDense request."""
+
+    top_k: int = DEFAULT_TOP_K
+    divisor: int = 1
+    scales: tuple[float, ...] = (1.0,)
+    pool: str = "mean"
+    mode: str = "dense"
+    return_map: bool = True
+
+
+@dataclass
+class DenseResult:
+    """What ClassifyDense answers."""
+
+    model: ServedModel
+    geometry: DenseInfo
+    stride: tuple[int, ...]
+    top: list[Labelled]
+    probabilities: np.ndarray | None
+    starts: list[list[int]]
+    cells: int
+    scales: tuple[float, ...] = field(default=(1.0,))
+
+
+def _labels(info: ModelInfo, classes: int) -> Sequence[str]:
+    return (
+        info.labels
+        if info.labels and len(info.labels) == classes
+        else [str(i) for i in range(classes)]
+    )
+
+
+def _top(probabilities: np.ndarray, k: int, labels: Sequence[str]) -> list[Labelled]:
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [Labelled(labels[i], int(i), float(probabilities[i])) for i in order]
+
+
+class Classification:
+    """The classification API's domain logic (see the module docstring)."""
+
+    def __init__(self, plane: DataPlane, settings: Settings, executor: Executor) -> None:
+        self._plane = plane
+        self._repository = plane.repository
+        self._executor = executor
+        self._limits = images.ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+        self._max_cells = settings.max_map_cells
+        self._max_copies = settings.max_dense_copies
+
+    # -- lookup ------------------------------------------------------------------------------------
+    def logical_models(self) -> list[ServedModel]:
+        """The highest served version of every logical model (no dense twins)."""
+        names = sorted({m.name for m in self._repository.served() if not m.dense})
+        return [self._repository.get(name) for name in names]
+
+    def models_with_twins(self) -> list[tuple[ServedModel, ServedModel | None]]:
+        """Every logical model with its dense twin at the same version, if served."""
+        pairs = []
+        for model in self.logical_models():
+            try:
+                twin = self._repository.get(model.name + DENSE_SUFFIX, str(model.version))
+            except ModelNotFound:
+                twin = None
+            pairs.append((model, twin))
+        return pairs
+
+    def _classifier(self, name: str, version: str, outcome: Outcome) -> ServedModel:
+        if not name:
+            served = self.logical_models()
+            if len(served) != 1:
+                raise InvalidArgument(
+                    f"name a model: {len(served)} are served ({', '.join(m.name for m in served)})"
+                )
+            name = served[0].name
+        model = self._plane.model(name, version, outcome)
+        if model.dense:
+            raise InvalidArgument(
+                f"use the logical model name "
+                f"'{model.name.removesuffix(DENSE_SUFFIX)}'; the dense twin "
+                "is chosen by ClassifyDense"
+            )
+        return model
+
+    def _dense_twin(self, model: ServedModel, outcome: Outcome) -> ServedModel:
+        try:
+            twin = self._repository.get(model.name + DENSE_SUFFIX, str(model.version))
+        except ModelNotFound:
+            raise InvalidArgument(
+                f"model '{model.name}' has no dense variant; use Classify or mode=crops"
+            ) from None
+        outcome.model = twin.name
+        return twin
+
+    # -- preprocessing -----------------------------------------------------------------------------
+    def _decode(self, model: ServedModel, image: ImageInput) -> Image.Image:
+        pre = model.info.preprocess
+        if pre is None:
+            raise InvalidArgument(
+                f"model '{model.name}' has no preprocessing metadata; send "
+                "a preprocessed tensor instead of encoded bytes"
+            )
+        if image.encoded is None:
+            raise InvalidArgument("image has neither encoded bytes nor a tensor")
+        return images.decode(image.encoded, self._limits, pre.color)
+
+    def _check_tensor(
+        self, model: ServedModel, tensor: np.ndarray, window: tuple[int, ...] | None
+    ) -> np.ndarray:
+        spec = model.inputs[0]
+        expected = spec.shape[1:]
+        if tensor.ndim != len(expected):
+            raise InvalidArgument(
+                f"tensor shape {list(tensor.shape)} has rank {tensor.ndim}; "
+                f"model '{model.name}' takes {list(expected)} per image"
+            )
+        if window is not None and tensor.shape[1:] != window:
+            raise InvalidArgument(
+                f"tensor shape {list(tensor.shape)} does not match the "
+                f"model's input {list(expected)}"
+            )
+        return tensor
+
+    def _classify_tensor(self, model: ServedModel, image: ImageInput) -> np.ndarray:
+        if image.tensor is not None:
+            window = tuple(d for d in model.inputs[0].shape[2:])
+            return self._check_tensor(model, image.tensor, window)
+        decoded = self._decode(model, image)
+        info = model.info
+        assert info.preprocess is not None
+        if info.window is None or len(info.window) != 2:
+            raise InvalidArgument(f"model '{model.name}' does not describe a 2-D input window")
+        return images.to_tensor(decoded, info.preprocess, (info.window[0], info.window[1]))
+
+    async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    # -- Classify -------------------------------------------------------------------------
+    async def classify(
+        self,
+        name: str,
+        version: str,
+        inputs: Sequence[ImageInput],
+        top_k: int,
+        deadline: float | None,
+        outcome: Outcome,
+    ) -> tuple[ServedModel, list[list[Labelled]]]:
+        """Top-k labels per image, in order."""
+        model = self._classifier(name, version, outcome)
+        if not inputs:
+            raise InvalidArgument("no images in the request")
+        tensors = await asyncio.gather(
+            *(self._off_loop(self._classify_tensor, model, image) for image in inputs)
+        )
+        # More images than max_batch_size become several requests to the same batcher.
+        scores = await self._batched(model, np.stack(tensors), deadline, outcome)
+        labels = _labels(model.info, scores.shape[1])
+        k = top_k or DEFAULT_TOP_K
+        return model, [_top(dense.softmax(row[:, None])[:, 0], k, labels) for row in scores]
+
+    async def _run(
+        self, model: ServedModel, batch: np.ndarray, deadline: float | None, outcome: Outcome
+    ) -> np.ndarray:
+        name = model.inputs[0].name
+        request = InferenceRequest(
+            model.name,
+            str(model.version),
+            "",
+            {name: batch.astype(model.inputs[0].dtype, copy=False)},
+        )
+        _served, rows = await self._plane.infer(request, deadline, outcome)
+        return rows[0]
+
+    async def _batched(
+        self, model: ServedModel, batch: np.ndarray, deadline: float | None, outcome: Outcome
+    ) -> np.ndarray:
+        """Run more rows than one request may carry, as several requests of one model."""
+        step = model.max_batch_size or 1
+        parts = await asyncio.gather(
+            *(
+                self._run(model, batch[i : i + step], deadline, outcome)
+                for i in range(0, len(batch), step)
+            )
+        )
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    # -- ClassifyDense --------------------------------------------------------------------
+    def _check_query(self, query: DenseQuery) -> None:
+        if not 1 <= query.divisor <= MAX_DIVISOR:
+            raise InvalidArgument(f"stride_divisor must be 1..{MAX_DIVISOR}, got {query.divisor}")
+        if not query.scales or any(not 0 < s <= MAX_SCALE for s in query.scales):
+            raise InvalidArgument(
+                f"scales must each be in (0, {MAX_SCALE:g}], got {list(query.scales)}"
+            )
+        if query.pool not in ("mean", "max") or query.mode not in ("dense", "crops"):
+            raise InvalidArgument("pool must be mean or max, and mode dense or crops")
+
+    def _plan(
+        self, model: ServedModel, geometry: DenseInfo, query: DenseQuery, size: tuple[int, ...]
+    ) -> list[tuple[float, tuple[int, ...], tuple[int, ...]]]:
+        """Per scale: (scale, scaled size, cell counts), all limits checked before any work."""
+        copies = len(query.scales) * query.divisor ** len(geometry.stride)
+        if copies > self._max_copies:
+            raise ResourceExhausted(
+                f"{copies} shifted and scaled copies requested; the server "
+                f"evaluates at most {self._max_copies}"
+            )
+        uneven = [s for s in geometry.stride if s % query.divisor]
+        if uneven:
+            raise InvalidArgument(
+                f"stride {list(geometry.stride)} is not divisible by stride_divisor {query.divisor}"
+            )
+        plan, total = [], 0
+        for scale in query.scales:
+            scaled = tuple(max(1, round(s * scale)) for s in size)
+            if any(s < w for s, w in zip(scaled, geometry.window, strict=True)):
+                raise InvalidArgument(
+                    f"image {_size(scaled)} (at scale {scale:g}) is smaller than the model's "
+                    f"window {_size(geometry.window)}"
+                )
+            counts = dense.cell_counts(scaled, geometry.window, geometry.stride, query.divisor)
+            total += int(np.prod(counts))
+            plan.append((scale, scaled, counts))
+        if total > self._max_cells:
+            raise ResourceExhausted(
+                f"the request asks for {total} cells; the server computes at "
+                f"most {self._max_cells} per request"
+            )
+        return plan
+
+    async def classify_dense(
+        self,
+        name: str,
+        version: str,
+        image: ImageInput,
+        query: DenseQuery,
+        deadline: float | None,
+        outcome: Outcome,
+    ) -> DenseResult:
+        """The class-probability map of one image, and labels pooled over it."""
+        self._check_query(query)
+        classifier = self._classifier(name, version, outcome)
+        twin = self._dense_twin(classifier, outcome) if query.mode == "dense" else None
+        geometry = classifier.info.dense or (twin.info.dense if twin else None)
+        if geometry is None:
+            raise InvalidArgument(
+                f"model '{classifier.name}' has no dense geometry in its metadata"
+            )
+        if image.tensor is not None:
+            decoded, tensor = None, self._check_tensor(classifier, image.tensor, None)
+            size = tuple(tensor.shape[1:])
+        else:
+            decoded = await self._off_loop(self._decode, classifier, image)
+            tensor, size = None, (decoded.height, decoded.width)
+        plan = self._plan(classifier, geometry, query, size)
+        maps = await asyncio.gather(
+            *(
+                self._scale_map(
+                    classifier,
+                    twin,
+                    geometry,
+                    query,
+                    decoded,
+                    tensor,
+                    scale,
+                    counts,
+                    deadline,
+                    outcome,
+                )
+                for scale, _scaled, counts in plan
+            )
+        )
+        cells = sum(int(np.prod(counts)) for _s, _z, counts in plan)
+        metrics.DENSE_CELLS.labels((twin or classifier).name).inc(cells)
+        labels = _labels(classifier.info, maps[0].shape[0])
+        pooled = dense.pool(maps, query.pool)
+        top = _top(pooled, query.top_k or DEFAULT_TOP_K, labels)
+        stride = tuple(s // query.divisor for s in geometry.stride)
+        first_scale, _size, first_counts = plan[0]
+        starts = dense.cell_starts(
+            first_counts, geometry.stride, query.divisor, geometry.offset, first_scale
+        )
+        window = [round(w / first_scale) for w in geometry.window]
+        located = []
+        for entry, cell in zip(top, dense.best_cells(maps[0], [t.index for t in top]), strict=True):
+            begin = [starts[axis][i] for axis, i in enumerate(cell)]
+            box = _box(begin, window)
+            located.append(Labelled(entry.label, entry.index, entry.probability, cell, box))
+        return DenseResult(
+            twin or classifier,
+            geometry if query.mode == "dense" else _exact(geometry),
+            stride,
+            located,
+            maps[0] if query.return_map else None,
+            starts,
+            cells,
+            query.scales,
+        )
+
+    async def _scale_map(
+        self,
+        classifier: ServedModel,
+        twin: ServedModel | None,
+        geometry: DenseInfo,
+        query: DenseQuery,
+        decoded: Image.Image | None,
+        tensor: np.ndarray | None,
+        scale: float,
+        counts: tuple[int, ...],
+        deadline: float | None,
+        outcome: Outcome,
+    ) -> np.ndarray:
+        if decoded is not None:
+            assert classifier.info.preprocess is not None
+            scaled = await self._off_loop(_prepare, decoded, scale, classifier.info)
+        else:
+            assert tensor is not None
+            if scale != 1.0:
+                raise InvalidArgument("scales other than 1 need an encoded image, not a tensor")
+            scaled = tensor
+        if twin is not None:
+            copies = (
+                scaled[None]
+                if query.divisor == 1
+                else dense.shifted_copies(scaled, geometry.stride, query.divisor)
+            )
+            scores = await self._batched(twin, copies, deadline, outcome)
+            return dense.softmax(
+                dense.interleave(scores, query.divisor, counts)
+                if query.divisor > 1
+                else scores[0][(slice(None), *(slice(0, c) for c in counts))]
+            )
+        windows = dense.crops(scaled, geometry.window, geometry.stride, query.divisor, counts)
+        scores = await self._batched(classifier, windows, deadline, outcome)  # [cells, K]
+        return dense.softmax(np.ascontiguousarray(scores.T).reshape(scores.shape[1], *counts))
+
+
+def _prepare(image: Image.Image, scale: float, info: ModelInfo) -> np.ndarray:
+    assert info.preprocess is not None
+    return images.to_tensor(images.resize(image, scale), info.preprocess)
+
+
+def _box(begin: Sequence[int], window: Sequence[int]) -> tuple[int, ...]:
+    if len(begin) == 2:  # [x0, y0, x1, y1]
+        return (begin[1], begin[0], begin[1] + window[1], begin[0] + window[0])
+    return (begin[0], begin[0] + window[0])
+
+
+def _exact(geometry: DenseInfo) -> DenseInfo:
+    return DenseInfo(
+        geometry.stride, geometry.window, geometry.offset, geometry.receptive_field, True, 0.0, 1.0
+    )
+
+
+def _size(shape: Sequence[int]) -> str:
+    """Width x height, as people write image sizes."""
+    return "x".join(map(str, reversed(shape)))

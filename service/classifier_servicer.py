@@ -1,0 +1,140 @@
+"""``convserve.v1.Classifier``: the application API, translating only (see classifier.proto)."""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import grpc
+import numpy as np
+
+from ._generated.convserve.v1 import classifier_pb2 as pb
+from ._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
+from .classification import Classification, DenseQuery, DenseResult, ImageInput, Labelled
+from .codec import checked_frombuffer
+from .model_info import DenseInfo
+from .rpc import deadline_of, guarded, inference_call
+
+__all__ = ["ClassifierServicer"]
+
+Context: TypeAlias = grpc.aio.ServicerContext
+_POOLS = {pb.POOL_MEAN: "mean", pb.POOL_MAX: "max"}
+_MODES = {pb.MODE_DENSE: "dense", pb.MODE_CROPS: "crops"}
+
+
+def _image(message: pb.Image, max_elements: int) -> ImageInput:
+    if message.WhichOneof("source") == "tensor":
+        tensor = checked_frombuffer(
+            "tensor", list(message.tensor.shape), "FP32", message.tensor.fp32_data, max_elements
+        )
+        return ImageInput(tensor=tensor)
+    return ImageInput(encoded=message.encoded)
+
+
+def _label(entry: Labelled) -> pb.Label:
+    return pb.Label(label=entry.label, index=entry.index, probability=entry.probability)
+
+
+def _geometry(info: DenseInfo, stride: tuple[int, ...]) -> pb.Geometry:
+    return pb.Geometry(
+        stride=list(stride),
+        window=list(info.window),
+        offset=list(info.offset),
+        receptive_field=list(info.receptive_field or ()),
+        exact=info.exact,
+        max_abs_dev=info.max_abs_dev,
+        top1_agreement=info.top1_agreement,
+    )
+
+
+def _dense_response(result: DenseResult, query: DenseQuery) -> pb.ClassifyDenseResponse:
+    response = pb.ClassifyDenseResponse(
+        model=result.model.name.removesuffix("_dense"),
+        version=str(result.model.version),
+        mode=pb.MODE_CROPS if query.mode == "crops" else pb.MODE_DENSE,
+        geometry=_geometry(result.geometry, result.stride),
+        pool=pb.POOL_MAX if query.pool == "max" else pb.POOL_MEAN,
+        scales=list(result.scales),
+        cells=result.cells,
+    )
+    for entry in result.top:
+        response.top.add(
+            label=entry.label,
+            index=entry.index,
+            probability=entry.probability,
+            best_cell=list(entry.best_cell),
+            box=list(entry.box),
+        )
+    if result.probabilities is not None:
+        probabilities = np.ascontiguousarray(result.probabilities, np.float32)
+        response.map.shape.extend(probabilities.shape)
+        response.map.fp32_probabilities = probabilities.tobytes()
+        response.map.scale = result.scales[0]
+        for starts in result.starts:
+            response.map.cell_starts.add(starts=starts)
+    return response
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    """See the module docstring."""
+
+    def __init__(self, classification: Classification, max_elements: int) -> None:
+        self._classification = classification
+        self._max_elements = max_elements
+
+    async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
+        async with inference_call(context, "classify") as outcome:
+            inputs = [_image(image, self._max_elements) for image in request.images]
+            model, results = await self._classification.classify(
+                request.model, request.version, inputs, request.top_k, deadline_of(context), outcome
+            )
+            return pb.ClassifyResponse(
+                model=model.name,
+                version=str(model.version),
+                results=[pb.Classification(top=[_label(e) for e in top]) for top in results],
+            )
+        raise AssertionError("unreachable")
+
+    async def ClassifyDense(
+        self, request: pb.ClassifyDenseRequest, context: Context
+    ) -> pb.ClassifyDenseResponse:
+        async with inference_call(context, "dense") as outcome:
+            query = DenseQuery(
+                top_k=request.top_k,
+                divisor=request.stride_divisor or 1,
+                scales=tuple(request.scales) or (1.0,),
+                pool=_POOLS.get(request.pool, "mean"),
+                mode=_MODES.get(request.mode, "dense"),
+                return_map=request.return_map if request.HasField("return_map") else True,
+            )
+            result = await self._classification.classify_dense(
+                request.model,
+                request.version,
+                _image(request.image, self._max_elements),
+                query,
+                deadline_of(context),
+                outcome,
+            )
+            return _dense_response(result, query)
+        raise AssertionError("unreachable")
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        async with guarded(context):
+            response = pb.ListModelsResponse()
+            for model, twin in self._classification.models_with_twins():
+                info = model.info
+                classes = model.outputs[0].shape[1] if len(model.outputs[0].shape) > 1 else 0
+                entry = response.models.add(
+                    name=model.name,
+                    version=str(model.version),
+                    labels=len(info.labels) if info.labels else max(classes, 0),
+                    window=list(info.window or model.inputs[0].shape[2:]),
+                    channels=info.channels or max(model.inputs[0].shape[1], 0),
+                    dense=twin is not None,
+                )
+                geometry = (twin.info.dense if twin else None) or (info.dense if twin else None)
+                if geometry is not None:
+                    entry.geometry.CopyFrom(_geometry(geometry, geometry.stride))
+            return response
+        raise AssertionError("unreachable")

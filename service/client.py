@@ -1,0 +1,237 @@
+"""``convserve classify`` and ``convserve models``: the command-line client of Classifier.
+
+Tables for people, ``--json`` for scripts; errors end as one line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from ._generated.convserve.v1 import classifier_pb2 as pb
+from ._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
+
+__all__ = ["add_commands"]
+
+DEFAULT_SERVER = "localhost:8001"
+
+
+class ClientError(Exception):
+    """A failure to report as one line."""
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``classify`` and ``models``."""
+    classify = commands.add_parser("classify", help="classify images with a running server")
+    classify.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    classify.add_argument("--server", default=DEFAULT_SERVER, metavar="HOST:PORT")
+    classify.add_argument("--model", default="", help="may be omitted when one model is served")
+    classify.add_argument("--top-k", type=int, default=5)
+    classify.add_argument("--dense", action="store_true", help="evaluate the class-score map")
+    classify.add_argument("--mode", choices=["dense", "crops"], default="dense")
+    classify.add_argument("--stride-divisor", type=int, default=1)
+    classify.add_argument("--scales", type=float, nargs="+", default=[1.0])
+    classify.add_argument("--pool", choices=["mean", "max"], default="mean")
+    classify.add_argument(
+        "--heatmap",
+        type=Path,
+        metavar="OUT.png",
+        help="with --dense: the winning class's map over the image",
+    )
+    classify.add_argument("--timeout", type=float, default=30.0, help="seconds")
+    classify.add_argument("--json", action="store_true")
+    classify.set_defaults(handler=_classify)
+    models = commands.add_parser("models", help="list the models a server serves")
+    models.add_argument("--server", default=DEFAULT_SERVER, metavar="HOST:PORT")
+    models.add_argument("--timeout", type=float, default=30.0)
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(handler=_models)
+
+
+def _call(method: Any, request: Any, timeout: float) -> Any:
+    try:
+        return method(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        raise ClientError(f"{exc.code().name}: {exc.details()}") from None
+
+
+def _stub(server: str) -> tuple[grpc.Channel, pb_grpc.ClassifierStub]:
+    channel = grpc.insecure_channel(
+        server,
+        options=[
+            ("grpc.max_receive_message_length", 256 << 20),
+            ("grpc.max_send_message_length", 256 << 20),
+        ],
+    )
+    return channel, pb_grpc.ClassifierStub(channel)  # type: ignore[no-untyped-call]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ClientError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _classify(args: argparse.Namespace) -> int:
+    channel, stub = _stub(args.server)
+    with channel:
+        if args.dense:
+            documents = [_dense_one(stub, path, args) for path in args.images]
+        else:
+            request = pb.ClassifyRequest(
+                model=args.model,
+                top_k=args.top_k,
+                images=[pb.Image(encoded=_read(path)) for path in args.images],
+            )
+            reply = _call(stub.Classify, request, args.timeout)
+            documents = [
+                {
+                    "image": str(path),
+                    "model": reply.model,
+                    "version": reply.version,
+                    "top": [
+                        {"label": e.label, "index": e.index, "probability": round(e.probability, 6)}
+                        for e in result.top
+                    ],
+                }
+                for path, result in zip(args.images, reply.results, strict=True)
+            ]
+    if args.json:
+        print(json.dumps(documents))
+    else:
+        _print_tables(documents)
+    return 0
+
+
+def _dense_one(
+    stub: pb_grpc.ClassifierStub, path: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    request = pb.ClassifyDenseRequest(
+        model=args.model,
+        image=pb.Image(encoded=_read(path)),
+        top_k=args.top_k,
+        stride_divisor=args.stride_divisor,
+        scales=args.scales,
+        pool=pb.POOL_MAX if args.pool == "max" else pb.POOL_MEAN,
+        mode=pb.MODE_CROPS if args.mode == "crops" else pb.MODE_DENSE,
+    )
+    reply = _call(stub.ClassifyDense, request, args.timeout)
+    geometry = reply.geometry
+    document = {
+        "image": str(path),
+        "model": reply.model,
+        "version": reply.version,
+        "mode": "crops" if reply.mode == pb.MODE_CROPS else "dense",
+        "map_shape": list(reply.map.shape),
+        "stride": list(geometry.stride),
+        "window": list(geometry.window),
+        "offset": list(geometry.offset),
+        "exact": geometry.exact,
+        "pool": "max" if reply.pool == pb.POOL_MAX else "mean",
+        "top": [
+            {
+                "label": e.label,
+                "index": e.index,
+                "probability": round(e.probability, 6),
+                "best_cell": list(e.best_cell),
+                "box": list(e.box),
+            }
+            for e in reply.top
+        ],
+    }
+    if args.heatmap is not None and reply.top:
+        target = (
+            args.heatmap
+            if len(args.images) == 1
+            else args.heatmap.with_name(f"{args.heatmap.stem}-{path.stem}{args.heatmap.suffix}")
+        )
+        write_heatmap(_read(path), reply, target)
+        document["heatmap"] = str(target)
+    return document
+
+
+def write_heatmap(image_bytes: bytes, reply: pb.ClassifyDenseResponse, target: Path) -> None:
+    """The winning class's probability per cell, painted over the image at the cells' centres."""
+    import io
+
+    from PIL import Image
+
+    base = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+    probabilities = np.frombuffer(reply.map.fp32_probabilities, np.float32).reshape(
+        tuple(reply.map.shape)
+    )
+    winner = probabilities[reply.top[0].index]
+    if winner.ndim != 2:
+        raise ClientError("heat-maps need a 2-D map")
+    heat = np.zeros((base.height, base.width), np.float32)
+    weight = np.zeros_like(heat)
+    window = [round(w / reply.map.scale) for w in reply.geometry.window]
+    ys, xs = reply.map.cell_starts[0].starts, reply.map.cell_starts[1].starts
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            heat[y : y + window[0], x : x + window[1]] += winner[i, j]
+            weight[y : y + window[0], x : x + window[1]] += 1
+    heat = np.divide(heat, weight, out=np.zeros_like(heat), where=weight > 0)
+    red = (heat * 255).astype(np.uint8)
+    overlay = Image.merge(
+        "RGB", (Image.fromarray(red), Image.new("L", base.size, 0), Image.new("L", base.size, 0))
+    )
+    Image.blend(base, overlay, 0.6).save(target, format="PNG")
+
+
+def _print_tables(documents: Sequence[dict[str, Any]]) -> None:
+    for document in documents:
+        where = f"{document['model']} v{document['version']}"
+        if "map_shape" in document:
+            where += (
+                f", {document['mode']} map {document['map_shape']}, stride "
+                f"{document['stride']}, {'exact' if document['exact'] else 'approximate'}"
+                f", {document['pool']}-pooled"
+            )
+        print(f"{document['image']} ({where})")
+        for entry in document["top"]:
+            cell = f"  cell {entry['best_cell']} box {entry['box']}" if "box" in entry else ""
+            print(f"  {entry['probability']:8.2%}  {entry['index']:>5}  {entry['label']}{cell}")
+        if "heatmap" in document:
+            print(f"  heat-map: {document['heatmap']}")
+
+
+def _models(args: argparse.Namespace) -> int:
+    channel, stub = _stub(args.server)
+    with channel:
+        reply = _call(stub.ListModels, pb.ListModelsRequest(), args.timeout)
+    documents = [
+        {
+            "name": m.name,
+            "version": m.version,
+            "channels": m.channels,
+            "window": list(m.window),
+            "labels": m.labels,
+            "dense": m.dense,
+            "stride": list(m.geometry.stride) if m.dense else None,
+            "exact": m.geometry.exact if m.dense else None,
+        }
+        for m in reply.models
+    ]
+    if args.json:
+        print(json.dumps(documents))
+        return 0
+    print(
+        f"{'name':<24} {'version':>7} {'input':>12} {'labels':>7} {'dense':>6} {'stride':>8} exact"
+    )
+    for d in documents:
+        shape = "x".join(map(str, [d["channels"], *d["window"]]))
+        stride = "x".join(map(str, d["stride"])) if d["stride"] else "-"
+        print(
+            f"{d['name']:<24} {d['version']:>7} {shape:>12} {d['labels']:>7} "
+            f"{'yes' if d['dense'] else 'no':>6} {stride:>8} "
+            f"{'-' if d['exact'] is None else d['exact']}"
+        )
+    return 0

@@ -1,0 +1,89 @@
+"""Encoded images to the network's input tensor, with every limit checked before decoding.
+
+Runs off the event loop (Pillow releases the GIL while decoding). The encoded size is checked
+before Pillow sees the bytes, and the pixel count from the header before any pixel is decoded,
+so a decompression bomb costs nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InvalidArgument, ResourceExhausted
+from .model_info import Preprocess
+
+__all__ = ["ImageLimits", "decode", "to_tensor"]
+
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+Image.MAX_IMAGE_PIXELS = None  # our own, clearer check below replaces Pillow's warning
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Largest encoded image (bytes) and decoded image (pixels) accepted."""
+
+    max_bytes: int
+    max_pixels: int
+
+
+def decode(data: bytes, limits: ImageLimits, color: str) -> Image.Image:
+    """Decode JPEG, PNG, WebP or BMP bytes into a ``color`` ("RGB" or "L") image.
+
+    Raises:
+        ResourceExhausted: the encoded bytes or the decoded pixel count exceed the limits.
+        InvalidArgument: empty, corrupt, truncated or unsupported image data.
+    """
+    if len(data) > limits.max_bytes:
+        raise ResourceExhausted(
+            f"image is {len(data)} bytes; the server accepts at most {limits.max_bytes}"
+        )
+    if not data:
+        raise InvalidArgument("image is empty")
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise InvalidArgument(f"image is not a readable {', '.join(FORMATS)} file") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # a known signature, a broken header
+        raise InvalidArgument(f"image header is corrupt or truncated ({exc})") from None
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise ResourceExhausted(
+            f"image is {width}x{height} = {width * height} pixels; the server accepts at most "
+            f"{limits.max_pixels}"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # Pillow warns, not fails, on some truncated files
+            image.load()
+    except (OSError, SyntaxError, ValueError, Warning) as exc:
+        raise InvalidArgument(f"{image.format} image is corrupt or truncated ({exc})") from None
+    return image.convert(color)
+
+
+def to_tensor(
+    image: Image.Image, preprocess: Preprocess, size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """``[C, H, W]`` float32: optionally resized to ``size`` (H, W), then scaled, normalised."""
+    if size is not None and (image.height, image.width) != size:
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.float32)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    mean = np.asarray(preprocess.mean, np.float32)
+    std = np.asarray(preprocess.std, np.float32)
+    normalised = (pixels * np.float32(preprocess.scale) - mean) / std
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+
+def resize(image: Image.Image, scale: float) -> Image.Image:
+    """The image scaled by ``scale`` (at least one pixel per side)."""
+    if scale == 1.0:
+        return image
+    width = max(1, round(image.width * scale))
+    height = max(1, round(image.height * scale))
+    return image.resize((width, height), Image.Resampling.BILINEAR)

@@ -1,0 +1,463 @@
+"""convserve.v1.Classifier against a real server: images in, labels and checked maps out."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from export.demo import digits_split
+from export.model_entry import ExportSpec, export_entry
+from service import BUNDLED_REPOSITORY
+from service._generated.convserve.v1 import classifier_pb2 as pb
+from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
+from tests.server_process import ServerProcess
+
+
+def png(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def padded_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 4, 3),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    shutil.copytree(BUNDLED_REPOSITORY / "digits", root / "digits")
+    export_entry(
+        padded_net(),
+        ExportSpec(source="tests:padded", input_shape=(1, 8, 8), name="padded", repository=root),
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path):
+    with ServerProcess(
+        repository,
+        "--max-image-bytes",
+        "200000",
+        "--max-image-pixels",
+        "1000000",
+        "--max-map-cells",
+        "5000",
+        "--max-dense-copies",
+        "16",
+    ) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerProcess):
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        yield pb_grpc.ClassifierStub(channel)
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    _xt, x_test, _yt, y_test = digits_split()
+    return x_test, y_test
+
+
+def probabilities(reply_map: pb.ScoreMap) -> np.ndarray:
+    return np.frombuffer(reply_map.fp32_probabilities, np.float32).reshape(tuple(reply_map.shape))
+
+
+def classify_all(stub, images: list[np.ndarray]) -> np.ndarray:
+    """Full probability vectors ([N, 10]) from Classify, one image per row."""
+    reply = stub.Classify(
+        pb.ClassifyRequest(
+            model="digits", top_k=10, images=[pb.Image(encoded=png(image)) for image in images]
+        )
+    )
+    out = np.zeros((len(images), 10), np.float32)
+    for row, result in enumerate(reply.results):
+        for entry in result.top:
+            out[row, entry.index] = entry.probability
+    return out
+
+
+def test_classify_held_out_digits(stub, held_out) -> None:
+    x_test, y_test = held_out
+    reply = stub.Classify(
+        pb.ClassifyRequest(
+            model="digits", top_k=3, images=[pb.Image(encoded=png(x)) for x in x_test[:32]]
+        )
+    )
+    assert reply.model == "digits" and reply.version == "1" and len(reply.results) == 32
+    predicted = np.array([r.top[0].index for r in reply.results])
+    assert np.mean(predicted == y_test[:32]) >= 0.95
+    assert all(r.top[0].label == str(r.top[0].index) for r in reply.results)
+    assert all(
+        len(r.top) == 3 and r.top[0].probability >= r.top[1].probability for r in reply.results
+    )
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "BMP"])
+def test_other_formats_and_resizing(stub, held_out, fmt: str) -> None:
+    x_test, y_test = held_out
+    big = np.kron(x_test[0], np.ones((4, 4), np.uint8))  # 32x32: resized to the 8x8 window
+    reply = stub.Classify(
+        pb.ClassifyRequest(
+            model="digits", images=[pb.Image(encoded=png(big if fmt != "JPEG" else x_test[0], fmt))]
+        )
+    )
+    assert reply.results[0].top[0].index == y_test[0]
+
+
+def test_model_may_be_omitted_when_one_is_served(held_out) -> None:
+    x_test, y_test = held_out
+    with (
+        ServerProcess(BUNDLED_REPOSITORY) as server,
+        grpc.insecure_channel(server.grpc_address) as channel,
+    ):
+        reply = pb_grpc.ClassifierStub(channel).Classify(
+            pb.ClassifyRequest(images=[pb.Image(encoded=png(x_test[1]))])
+        )
+        assert reply.model == "digits" and reply.results[0].top[0].index == y_test[1]
+
+
+def test_tensor_input_equals_encoded(stub, held_out) -> None:
+    x_test, _y = held_out
+    from onnx import load
+
+    meta = {
+        p.key: json.loads(p.value)
+        for p in load(str(BUNDLED_REPOSITORY / "digits" / "1" / "model.onnx")).metadata_props
+    }
+    pre = meta["convserve.preprocess"]
+    tensor = (x_test[5].astype(np.float32) * pre["scale"] - pre["mean"][0]) / pre["std"][0]
+    tensor = tensor[None].astype(np.float32)
+    reply = stub.Classify(
+        pb.ClassifyRequest(
+            model="digits",
+            top_k=10,
+            images=[pb.Image(tensor=pb.Tensor(shape=[1, 8, 8], fp32_data=tensor.tobytes()))],
+        )
+    )
+    by_tensor = {e.index: e.probability for e in reply.results[0].top}
+    by_png = classify_all(stub, [x_test[5]])[0]
+    for index, probability in by_tensor.items():
+        assert probability == pytest.approx(by_png[index], abs=1e-5)
+
+
+def test_every_dense_cell_equals_classify_on_its_crop(stub) -> None:
+    image = np.random.default_rng(0).integers(0, 256, (14, 23), dtype=np.uint8)
+    reply = stub.ClassifyDense(
+        pb.ClassifyDenseRequest(model="digits", image=pb.Image(encoded=png(image)))
+    )
+    grid = probabilities(reply.map)
+    assert grid.shape == (10, 4, 8)  # (14-8)//2+1, (23-8)//2+1
+    assert reply.geometry.exact and list(reply.geometry.stride) == [2, 2]
+    starts = [list(axis.starts) for axis in reply.map.cell_starts]
+    assert starts == [[0, 2, 4, 6], [0, 2, 4, 6, 8, 10, 12, 14]]
+    crops = [image[y : y + 8, x : x + 8] for y in starts[0] for x in starts[1]]
+    expected = classify_all(stub, crops).T.reshape(10, 4, 8)
+    assert float(np.abs(grid - expected).max()) < 1e-4
+
+
+def test_stride_divisor_two_equals_crops_at_half_the_stride(stub) -> None:
+    image = np.random.default_rng(1).integers(0, 256, (13, 17), dtype=np.uint8)
+    reply = stub.ClassifyDense(
+        pb.ClassifyDenseRequest(
+            model="digits", image=pb.Image(encoded=png(image)), stride_divisor=2
+        )
+    )
+    grid = probabilities(reply.map)
+    assert grid.shape == (10, 6, 10)  # (13-8)*2//2+1, (17-8)*2//2+1
+    assert list(reply.geometry.stride) == [1, 1]
+    crops = [image[y : y + 8, x : x + 8] for y in range(6) for x in range(10)]
+    expected = classify_all(stub, crops).T.reshape(10, 6, 10)
+    assert float(np.abs(grid - expected).max()) < 1e-4
+
+
+def test_crops_mode_equals_the_dense_pass_for_a_padding_free_model(stub) -> None:
+    image = np.random.default_rng(2).integers(0, 256, (12, 20), dtype=np.uint8)
+    request = pb.ClassifyDenseRequest(model="digits", image=pb.Image(encoded=png(image)))
+    by_dense = stub.ClassifyDense(request)
+    request.mode = pb.MODE_CROPS
+    by_crops = stub.ClassifyDense(request)
+    assert by_crops.mode == pb.MODE_CROPS and by_crops.geometry.exact
+    assert float(np.abs(probabilities(by_dense.map) - probabilities(by_crops.map)).max()) < 1e-4
+
+
+def test_strip_of_held_out_digits(stub, held_out) -> None:
+    x_test, y_test = held_out
+    digits = (3, 1, 4, 0, 9, 2, 6)
+    picks = [int(np.flatnonzero(y_test == d)[5]) for d in digits]
+    strip = np.concatenate([x_test[i] for i in picks], axis=1)
+    reply = stub.ClassifyDense(
+        pb.ClassifyDenseRequest(model="digits", top_k=10, image=pb.Image(encoded=png(strip)))
+    )
+    grid = probabilities(reply.map)[:, 0, :]  # [10, 25]
+    for k, digit in enumerate(digits):
+        segment = grid[:, 4 * k - 1 if k else 0 : 4 * k + 2]  # cells whose window is mostly it
+        assert np.unravel_index(segment.argmax(), segment.shape)[0] == digit
+    assert {e.index for e in reply.top[:7]} == set(digits)
+
+
+def test_padded_network_reports_its_deviation(stub) -> None:
+    image = np.random.default_rng(3).integers(0, 256, (16, 16), dtype=np.uint8)
+    request = pb.ClassifyDenseRequest(model="padded", image=pb.Image(encoded=png(image)))
+    reply = stub.ClassifyDense(request)
+    assert not reply.geometry.exact and reply.geometry.max_abs_dev > 0
+    assert 0 <= reply.geometry.top1_agreement <= 1
+    request.mode = pb.MODE_CROPS
+    assert stub.ClassifyDense(request).geometry.exact
+
+
+def test_scales_labels_only_and_max_pool(stub) -> None:
+    image = np.random.default_rng(4).integers(0, 256, (16, 24), dtype=np.uint8)
+    reply = stub.ClassifyDense(
+        pb.ClassifyDenseRequest(
+            model="digits",
+            image=pb.Image(encoded=png(image)),
+            scales=[1.0, 0.5],
+            pool=pb.POOL_MAX,
+            return_map=False,
+        )
+    )
+    assert not reply.HasField("map") and reply.pool == pb.POOL_MAX
+    assert reply.cells == 5 * 9 + 1 * 3  # 16x24 and 8x12
+    assert list(reply.scales) == [1.0, 0.5] and len(reply.top) == 5
+
+
+def test_list_models(stub) -> None:
+    models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+    assert set(models) == {"digits", "padded"}
+    digits = models["digits"]
+    assert (digits.version, digits.labels, list(digits.window), digits.channels, digits.dense) == (
+        "1",
+        10,
+        [8, 8],
+        1,
+        True,
+    )
+    assert list(digits.geometry.stride) == [2, 2] and digits.geometry.exact
+
+
+@pytest.mark.parametrize(
+    ("request_factory", "code", "pattern"),
+    [
+        (
+            lambda: pb.ClassifyRequest(
+                model="digits", images=[pb.Image(encoded=b"\x89PNG\r\n\x1a\n" + b"x" * 50)]
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"image header is corrupt or truncated",
+        ),
+        (
+            lambda: pb.ClassifyRequest(
+                model="digits",
+                images=[
+                    pb.Image(
+                        encoded=png(
+                            np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8)
+                        )[:800]
+                    )
+                ],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"PNG image is corrupt or truncated",
+        ),
+        (
+            lambda: pb.ClassifyRequest(
+                model="digits", images=[pb.Image(encoded=png(np.zeros((8, 8), np.uint8), "GIF"))]
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"not a readable JPEG, PNG, WEBP, BMP file",
+        ),
+        (
+            lambda: pb.ClassifyRequest(model="digits", images=[pb.Image(encoded=b"")]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"image is empty",
+        ),
+        (
+            lambda: pb.ClassifyRequest(model="digits", images=[pb.Image(encoded=b"x" * 200001)]),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            r"image is 200001 bytes; the server accepts at "
+            r"most 200000",
+        ),
+        (
+            lambda: pb.ClassifyRequest(
+                model="digits", images=[pb.Image(encoded=png(np.zeros((1001, 1000), np.uint8)))]
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            r"image is 1000x1001 = 1001000 pixels; the server "
+            r"accepts at most 1000000",
+        ),
+        (
+            lambda: pb.ClassifyRequest(model="nope", images=[pb.Image(encoded=b"x")]),
+            grpc.StatusCode.NOT_FOUND,
+            r"model 'nope' is not served",
+        ),
+        (
+            lambda: pb.ClassifyRequest(model="digits_dense", images=[pb.Image(encoded=b"x")]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"use the logical model name 'digits'",
+        ),
+        (
+            lambda: pb.ClassifyRequest(model="digits"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"no images in the request",
+        ),
+        (
+            lambda: pb.ClassifyRequest(
+                model="digits",
+                images=[pb.Image(tensor=pb.Tensor(shape=[1, 8, 8], fp32_data=b"\x00" * 12))],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"raw contents hold 12 bytes; shape \[1, 8, 8\]",
+        ),
+        (
+            lambda: pb.ClassifyRequest(
+                model="digits",
+                images=[pb.Image(tensor=pb.Tensor(shape=[1, 9, 8], fp32_data=b"\x00" * 288))],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"tensor shape \[1, 9, 8\] does not match the "
+            r"model's input \[1, 8, 8\]",
+        ),
+    ],
+)
+def test_classify_bad_input(stub, request_factory, code, pattern) -> None:
+    import re
+
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Classify(request_factory())
+    assert error.value.code() == code, error.value.details()
+    assert re.search(pattern, error.value.details()), error.value.details()
+    assert stub.Classify(
+        pb.ClassifyRequest(
+            model="digits", images=[pb.Image(encoded=png(np.zeros((8, 8), np.uint8)))]
+        )
+    ).results
+
+
+@pytest.mark.parametrize(
+    ("size", "options", "code", "pattern"),
+    [
+        (
+            (6, 20),
+            {},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"image 20x6 \(at scale 1\) is smaller than the model's window 8x8",
+        ),
+        (
+            (200, 200),
+            {},
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            r"asks for 9409 cells; the server computes at most 5000",
+        ),
+        (
+            (16, 16),
+            {"stride_divisor": 2, "scales": [1.0, 1.2, 1.4, 1.6, 2.0]},
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            r"20 shifted and scaled copies requested; the "
+            r"server evaluates at most 16",
+        ),
+        (
+            (16, 16),
+            {"stride_divisor": 9},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"stride_divisor must be 1..8, got 9",
+        ),
+        (
+            (16, 16),
+            {"stride_divisor": 3},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"stride \[2, 2\] is not divisible by stride_divisor 3",
+        ),
+        (
+            (16, 16),
+            {"scales": [5.0]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"scales must each be in \(0, 4\]",
+        ),
+    ],
+)
+def test_dense_limits_before_work(stub, size, options, code, pattern) -> None:
+    import re
+
+    image = np.zeros(size, np.uint8)
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ClassifyDense(
+            pb.ClassifyDenseRequest(model="digits", image=pb.Image(encoded=png(image)), **options)
+        )
+    assert error.value.code() == code, error.value.details()
+    assert re.search(pattern, error.value.details()), error.value.details()
+
+
+def test_client_commands(server: ServerProcess, held_out, tmp_path: Path) -> None:
+    x_test, y_test = held_out
+    one = tmp_path / "one.png"
+    one.write_bytes(png(x_test[7]))
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(png(np.concatenate([x_test[i] for i in range(5)], axis=1)))
+
+    def convserve(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "service", *args, "--server", server.grpc_address],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    result = convserve("classify", str(one), "--model", "digits", "--json")
+    assert result.returncode == 0, result.stderr
+    [document] = json.loads(result.stdout)
+    assert document["image"] == str(one) and document["model"] == "digits"
+    assert document["top"][0]["index"] == y_test[7]
+    assert set(document["top"][0]) == {"label", "index", "probability"}
+
+    heatmap = tmp_path / "heat.png"
+    result = convserve(
+        "classify", str(strip), "--model", "digits", "--dense", "--json", "--heatmap", str(heatmap)
+    )
+    assert result.returncode == 0, result.stderr
+    [document] = json.loads(result.stdout)
+    assert document["map_shape"] == [10, 1, 17] and document["stride"] == [2, 2]
+    assert document["window"] == [8, 8] and document["exact"] is True
+    assert set(document["top"][0]) == {"label", "index", "probability", "best_cell", "box"}
+    assert Image.open(heatmap).size == (40, 8)
+
+    result = convserve("models", "--json")
+    assert result.returncode == 0, result.stderr
+    models = {m["name"]: m for m in json.loads(result.stdout)}
+    assert models["digits"] == {
+        "name": "digits",
+        "version": "1",
+        "channels": 1,
+        "window": [8, 8],
+        "labels": 10,
+        "dense": True,
+        "stride": [2, 2],
+        "exact": True,
+    }
+    table = convserve("models")
+    assert "digits" in table.stdout and "padded" in table.stdout
+
+    failed = convserve("classify", str(one), "--model", "nope")
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "error: NOT_FOUND: model 'nope' is not served" in failed.stderr
