@@ -42,10 +42,16 @@ def export(name: str, repository: Path) -> None:
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)()
-    export_entry(model, ExportSpec(
-        source=f"torchvision.models:{name}", input_shape=(3, 224, 224), name=name,
-        repository=repository, preprocess=Preprocess("RGB", 1 / 255, (0.485, 0.456, 0.406),
-                                                     (0.229, 0.224, 0.225))))
+    export_entry(
+        model,
+        ExportSpec(
+            source=f"torchvision.models:{name}",
+            input_shape=(3, 224, 224),
+            name=name,
+            repository=repository,
+            preprocess=Preprocess("RGB", 1 / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ),
+    )
 
 
 def image_bytes(name: str) -> bytes:
@@ -79,14 +85,18 @@ def main() -> int:
             if name != "digits":
                 print(f"exporting {name} ...", flush=True)
                 export(name, repository)
-        with ServerProcess(repository, "--max-message-bytes", str(64 << 20)) as server, \
-                grpc.insecure_channel(server.grpc_address) as channel:
+        with (
+            ServerProcess(repository, "--max-message-bytes", str(64 << 20)) as server,
+            grpc.insecure_channel(server.grpc_address) as channel,
+        ):
             stub = pb_grpc.ClassifierStub(channel)
-            print(f"{'model':<10} {'cells':>6} {'dense ms':>10} {'crops ms':>10} "
-                  f"{'crops/dense':>12}")
+            print(
+                f"{'model':<10} {'cells':>6} {'dense ms':>10} {'crops ms':>10} {'crops/dense':>12}"
+            )
             for name in args.models:
-                request = pb.ClassifyDenseRequest(model=name, image=pb.Image(
-                    encoded=image_bytes(name)), return_map=False)
+                request = pb.ClassifyDenseRequest(
+                    model=name, image=pb.Image(encoded=image_bytes(name)), return_map=False
+                )
                 crops = pb.ClassifyDenseRequest()
                 crops.CopyFrom(request)
                 crops.mode = pb.MODE_CROPS
@@ -98,8 +108,11 @@ def main() -> int:
                     crop_times.append(timed(stub, crops))
                 dense_ms = statistics.median(dense_times) * 1000
                 crops_ms = statistics.median(crop_times) * 1000
-                print(f"{name:<10} {cells:>6} {dense_ms:>10.1f} {crops_ms:>10.1f} "
-                      f"{crops_ms / dense_ms:>11.1f}x", flush=True)
+                print(
+                    f"{name:<10} {cells:>6} {dense_ms:>10.1f} {crops_ms:>10.1f} "
+                    f"{crops_ms / dense_ms:>11.1f}x",
+                    flush=True,
+                )
     return 0
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import metrics
 from .codec import InferenceRequest
 from .errors import DeadlineExceeded, Unavailable
 from .metrics import UNKNOWN_MODEL
@@ -27,6 +28,7 @@ class Outcome:
 
     model: str = UNKNOWN_MODEL
     version: str = ""
+    request_id: str = ""
 
 
 class DataPlane:
@@ -39,6 +41,8 @@ class DataPlane:
     def model(self, name: str, version: str, outcome: Outcome) -> ServedModel:
         """Look a served model up, refusing new work while draining."""
         if self.draining:
+            served = name in {m.name for m in self.repository.served()}
+            metrics.DROPPED.labels(name if served else UNKNOWN_MODEL, "draining").inc()
             raise Unavailable("the server is shutting down; retry on another replica")
         model = self.repository.get(name, version)
         outcome.model, outcome.version = model.name, str(model.version)

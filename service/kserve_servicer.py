@@ -143,6 +143,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: pb.ModelInferRequest, deadline: float | None, outcome: Outcome
     ) -> pb.ModelInferResponse:
+        if request.id:
+            outcome.request_id = request.id
         decoded = decode_request(request, self._max_elements)
         model, rows = await self._plane.infer(decoded, deadline, outcome)
         outputs = [

@@ -9,6 +9,10 @@ import sys
 __all__ = ["configure_logging"]
 
 
+# Request context that servicers attach to log records (``extra=``); never payloads.
+_CONTEXT = ("model", "request_id", "api", "status", "duration_seconds")
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -17,6 +21,9 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        for key in _CONTEXT:
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

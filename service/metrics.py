@@ -6,7 +6,13 @@ unknown model is counted under ``model="_unknown"``, so clients cannot grow the 
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = [
     "BATCHES",
@@ -22,10 +28,19 @@ __all__ = [
     "REQUESTS",
     "REQUEST_DURATION",
     "UNKNOWN_MODEL",
+    "register_gpu_metrics",
     "serve_metrics",
 ]
 
+log = logging.getLogger(__name__)
+
 UNKNOWN_MODEL = "_unknown"
+GPU_METRICS = (
+    "convserve_gpu_utilization_ratio",
+    "convserve_gpu_memory_used_bytes",
+    "convserve_gpu_memory_total_bytes",
+)
+"""Exported only where NVML works (absent, not zero, without a GPU)."""
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -91,3 +106,44 @@ def serve_metrics(host: str, port: int) -> int:
     """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port."""
     server, _thread = start_http_server(port, addr=host)
     return int(server.server_port)
+
+
+class _NvmlCollector(Collector):
+    """GPU utilisation and memory from NVML, read at scrape time."""
+
+    def __init__(self, nvml: Any) -> None:
+        self._nvml = nvml
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        nvml = self._nvml
+        utilization = GaugeMetricFamily(
+            GPU_METRICS[0],
+            "GPU busy fraction over the last sample period (NVML).",
+            labels=["gpu"],
+        )
+        used = GaugeMetricFamily(GPU_METRICS[1], "GPU memory in use (NVML).", labels=["gpu"])
+        total = GaugeMetricFamily(GPU_METRICS[2], "GPU memory (NVML).", labels=["gpu"])
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            rates = nvml.nvmlDeviceGetUtilizationRates(handle)
+            utilization.add_metric([str(index)], rates.gpu / 100)
+            used.add_metric([str(index)], float(memory.used))
+            total.add_metric([str(index)], float(memory.total))
+        yield from (utilization, used, total)
+
+
+def register_gpu_metrics() -> bool:
+    """Export the GPU gauges when NVML (nvidia-ml-py) works; otherwise they are absent."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        if pynvml.nvmlDeviceGetCount() == 0:
+            return False
+    except Exception as exc:  # not installed, no driver, no device: all mean "no GPU metrics"
+        log.info("GPU metrics off: NVML unavailable (%s)", type(exc).__name__)
+        return False
+    REGISTRY.register(_NvmlCollector(pynvml))
+    log.info("GPU metrics on: %d device(s) through NVML", pynvml.nvmlDeviceGetCount())
+    return True

@@ -243,6 +243,8 @@ class ModelRepository:
             except Exception as exc:  # onnxruntime raises its own types for bad files
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                 self._state[logical] = ("UNAVAILABLE", reason)
+                if logical not in self._served:  # nothing serves it: say so on the gauge
+                    metrics.MODEL_READY.labels(logical, "", "none").set(0)
                 raise ModelLoadFailed(logical, reason) from exc
             await self._swap(logical, [self._serve(b, logical, config) for b in built])
             self._state[logical] = ("READY", "")
@@ -322,14 +324,13 @@ class ModelRepository:
             self._served.pop(name, None)
         for model in fresh:
             self._served.setdefault(model.name, {})[model.version] = model
-        for model in old:
-            metrics.MODEL_READY.labels(model.name, str(model.version), model.runtime.provider).set(
-                0
-            )
-        for model in fresh:
-            metrics.MODEL_READY.labels(model.name, str(model.version), model.runtime.provider).set(
-                1
-            )
+        ready = {(m.name, str(m.version), m.runtime.provider) for m in fresh}
+        for model in old:  # replaced or unloaded versions leave the gauge, not linger at 0
+            labels = (model.name, str(model.version), model.runtime.provider)
+            if labels not in ready:
+                metrics.MODEL_READY.remove(*labels)
+        for labels in ready:
+            metrics.MODEL_READY.labels(*labels).set(1)
         for name in names:
             await self._health(name, name in self._served)
         await asyncio.gather(*(m.batcher.close() for m in old))

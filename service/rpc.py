@@ -45,24 +45,42 @@ async def inference_call(
     api: str,
 ) -> AsyncIterator[Outcome]:
     """Like :func:`guarded`, and counts the request by model, version, API and status code."""
-    outcome = Outcome()
+    metadata = dict(context.invocation_metadata() or ())
+    outcome = Outcome(request_id=str(metadata.get("x-request-id", "")))
     started = time.perf_counter()
-    code = "OK"
+    code, reason = "OK", ""
     metrics.INFLIGHT.inc()
     try:
         async with guarded(context):
             try:
                 yield outcome
             except ServingError as exc:
-                code = exc.code.name
+                code, reason = exc.code.name, exc.message
                 raise
             except asyncio.CancelledError:
-                code = "CANCELLED"
+                code, reason = "CANCELLED", "the client went away"
                 raise
             except Exception:
-                code = "INTERNAL"
+                code, reason = "INTERNAL", "unexpected error (traceback logged)"
                 raise
     finally:
+        elapsed = time.perf_counter() - started
         metrics.INFLIGHT.dec()
         metrics.REQUESTS.labels(outcome.model, outcome.version, api, code).inc()
-        metrics.REQUEST_DURATION.labels(outcome.model, api).observe(time.perf_counter() - started)
+        metrics.REQUEST_DURATION.labels(outcome.model, api).observe(elapsed)
+        if code != "OK":  # never the tensors or image bytes: only what identifies the request
+            log.warning(
+                "%s request to %s failed with %s after %.1f ms: %s",
+                api,
+                outcome.model,
+                code,
+                elapsed * 1000,
+                reason,
+                extra={
+                    "model": outcome.model,
+                    "request_id": outcome.request_id,
+                    "api": api,
+                    "status": code,
+                    "duration_seconds": round(elapsed, 6),
+                },
+            )

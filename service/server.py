@@ -26,7 +26,7 @@ from .classifier_servicer import ClassifierServicer
 from .health import Health
 from .inference import DataPlane
 from .kserve_servicer import KServeServicer
-from .metrics import serve_metrics
+from .metrics import register_gpu_metrics, serve_metrics
 from .repository import ModelRepository
 from .runtime import DeviceChoice, available_cores
 from .settings import Settings
@@ -54,6 +54,7 @@ async def run_server(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    register_gpu_metrics()
     metrics_port = serve_metrics(settings.host, settings.metrics_port)
     log.info("metrics listening on %s:%d", settings.host, metrics_port)
 
