@@ -67,6 +67,7 @@ def image_bytes(name: str) -> bytes:
 
 
 def timed(stub: pb_grpc.ClassifierStub, request: pb.ClassifyDenseRequest) -> float:
+    """Seconds one ClassifyDense call takes."""
     started = time.perf_counter()
     stub.ClassifyDense(request, timeout=600)
     return time.perf_counter() - started
