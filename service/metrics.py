@@ -22,12 +22,14 @@ __all__ = [
     "DROPPED",
     "INFERENCES",
     "INFLIGHT",
+    "MODEL_DEVICE_MEMORY",
     "MODEL_READY",
     "QUEUE_DEPTH",
     "QUEUE_DURATION",
     "REQUESTS",
     "REQUEST_DURATION",
     "UNKNOWN_MODEL",
+    "gpu_memory_used",
     "register_gpu_metrics",
     "serve_metrics",
 ]
@@ -100,6 +102,11 @@ MODEL_READY = Gauge(
     ["model", "version", "provider"],
 )
 DENSE_CELLS = Counter("convserve_dense_cells_total", "Score-map cells computed.", ["model"])
+MODEL_DEVICE_MEMORY = Gauge(
+    "convserve_model_device_memory_bytes",
+    "GPU memory the model took when loaded and warmed up (NVML; absent on the CPU).",
+    ["model"],
+)
 
 
 def serve_metrics(host: str, port: int) -> int:
@@ -144,6 +151,22 @@ def register_gpu_metrics() -> bool:
     except Exception as exc:  # not installed, no driver, no device: all mean "no GPU metrics"
         log.info("GPU metrics off: NVML unavailable (%s)", type(exc).__name__)
         return False
+    global _nvml
+    _nvml = pynvml
     REGISTRY.register(_NvmlCollector(pynvml))
     log.info("GPU metrics on: %d device(s) through NVML", pynvml.nvmlDeviceGetCount())
     return True
+
+
+_nvml: Any = None
+
+
+def gpu_memory_used(device: int) -> int | None:
+    """Bytes in use on ``device`` by NVML, or None without NVML."""
+    if _nvml is None:
+        return None
+    try:
+        handle = _nvml.nvmlDeviceGetHandleByIndex(device)
+        return int(_nvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except Exception:  # a vanished device or driver error: no figure, not a crash
+        return None

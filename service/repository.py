@@ -264,6 +264,7 @@ class ModelRepository:
     def _build(
         self, name: str, version: int, path: Path, dense: bool, config: ModelConfig
     ) -> _Built:
+        device_memory = metrics.gpu_memory_used(self._device.device_id)
         runtime = Runtime(
             path, self._device, config.instances, self._settings.cpu_threads, dynamic_shapes=dense
         )
@@ -279,6 +280,11 @@ class ModelRepository:
         if runtime.on_cuda and batching and not dense:
             runtime.buckets = tuple(sizes)
         runtime.warm_up(_warm_up_feeds(runtime, info, sizes[:1] if dense else sizes, batching))
+        after = metrics.gpu_memory_used(self._device.device_id)
+        if runtime.on_cuda and device_memory is not None and after is not None:
+            # ONNX Runtime does not report a session's memory; the device's growth across this
+            # model's load and warm-up is the best measure there is (loads run one at a time).
+            metrics.MODEL_DEVICE_MEMORY.labels(name).set(max(0, after - device_memory))
         log.info(
             "loaded %s v%d from %s on %s (%d instance(s), %d thread(s) each, max_batch_size %d)",
             name,
