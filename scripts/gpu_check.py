@@ -105,7 +105,7 @@ def main() -> int:
             f" | CPU {cpu[0]:8.1f} img/s | CUDA/CPU {rows[batch][0] / cpu[0]:.1f}x"
         )
     best = max(r[0] for r in rows.values())
-    from tests.server_process import ServerProcess
+    from service.server_process import ServerProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "model" / "1").mkdir(parents=True)

@@ -12,6 +12,7 @@ from export.cli import add_commands as add_export_commands
 from export.errors import ExportError
 
 from . import BUNDLED_REPOSITORY, settings
+from .bench import add_commands as add_bench_commands
 from .client import ClientError
 from .client import add_commands as add_client_commands
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_arguments(serve)
     serve.set_defaults(handler=_serve)
     add_client_commands(commands)
+    add_bench_commands(commands)
     add_export_commands(commands, BUNDLED_REPOSITORY)
     return parser
 

@@ -309,6 +309,7 @@ class ModelRepository:
             preferred_batch_size=batching.preferred_batch_size,
             max_queue_size=batching.max_queue_size,
             observer=stats,
+            inline_below_seconds=self._settings.inline_compute_microseconds / 1e6,
         )
         return ServedModel(
             built.name,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -49,6 +50,9 @@ async def run_server(settings: Settings) -> int:
     if not settings.model_repository.is_dir():
         log.error("model repository %s does not exist", settings.model_repository)
         return 2
+    # The inference threads need the GIL back the moment ONNX Runtime returns; Python's default
+    # 5 ms switch interval would let the busy event loop keep it that long.
+    sys.setswitchinterval(0.0005)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -65,6 +65,11 @@ class Settings:
     )
     default_timeout_microseconds: int = _setting(0, "default per-request queue timeout (0: none)")
     instances: int = _setting(1, "default runtime instances per model")
+    inline_compute_microseconds: int = _setting(
+        300,
+        "batches that typically compute faster run on the event loop instead of the thread "
+        "pool (0: always the pool)",
+    )
     cpu_threads: int = _setting(0, "ONNX Runtime threads per CPU instance (0: cores / instances)")
 
     def __post_init__(self) -> None:
@@ -84,6 +89,7 @@ class Settings:
             "default_timeout_microseconds": self.default_timeout_microseconds >= 0,
             "instances": self.instances >= 1,
             "cpu_threads": self.cpu_threads >= 0,
+            "inline_compute_microseconds": self.inline_compute_microseconds >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

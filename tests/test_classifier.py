@@ -20,7 +20,7 @@ from export.model_entry import ExportSpec, export_entry
 from service import BUNDLED_REPOSITORY
 from service._generated.convserve.v1 import classifier_pb2 as pb
 from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
-from tests.server_process import ServerProcess
+from service.server_process import ServerProcess
 
 
 def png(pixels: np.ndarray, fmt: str = "PNG") -> bytes:

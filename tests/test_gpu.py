@@ -54,7 +54,7 @@ def test_cuda_runtime_matches_cpu(filename: str, shape: tuple[int, ...], device:
 
 def test_server_on_cuda(tmp_path: Path) -> None:
     tritonclient = pytest.importorskip("tritonclient.grpc")
-    from tests.server_process import ServerProcess
+    from service.server_process import ServerProcess
 
     x = np.random.default_rng(1).standard_normal((4, 1, 8, 8)).astype(np.float32)
     cpu = ort.InferenceSession(str(DIGITS / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -15,8 +15,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from service import BUNDLED_REPOSITORY
+from service.server_process import ServerProcess
 from tests import onnx_models
-from tests.server_process import ServerProcess
 
 WEIGHT = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
 

@@ -26,8 +26,8 @@ from service import BUNDLED_REPOSITORY
 from service._generated.convserve.v1 import classifier_pb2 as pb
 from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from service.metrics import GPU_METRICS
+from service.server_process import ServerProcess
 from tests import onnx_models
-from tests.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"

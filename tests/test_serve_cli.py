@@ -10,8 +10,8 @@ import numpy as np
 import tritonclient.grpc as triton
 
 from service import BUNDLED_REPOSITORY
+from service.server_process import ServerProcess
 from service.settings import Settings
-from tests.server_process import ServerProcess
 
 
 def test_every_setting_has_a_flag_and_an_environment_variable() -> None:

@@ -1,4 +1,4 @@
-"""Start a real ``convserve serve`` process on free ports and stop it, for tests."""
+"""Start a real ``convserve serve`` process on free ports and stop it (tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 _GRPC = re.compile(r"grpc listening on [^:]+:(\d+)")
@@ -43,13 +42,20 @@ class ServerProcess:
 
     @property
     def grpc_address(self) -> str:
+        """host:port of the gRPC listener."""
         return f"127.0.0.1:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
+        """URL of /metrics."""
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self, timeout: float = 90) -> ServerProcess:
+        """Start and wait until the server logs that it is ready.
+
+        Raises:
+            RuntimeError: it exited or did not become ready in time (its log is in the message).
+        """
         self.process = subprocess.Popen(
             self.command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=self.env
         )
@@ -74,17 +80,21 @@ class ServerProcess:
         self._ready.set()
 
     def log(self) -> str:
+        """Everything the server has written to stderr so far."""
         return "".join(self.lines)
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
+        """Send a signal to the server process."""
         assert self.process is not None
         self.process.send_signal(sig)
 
     def wait(self, timeout: float = 30) -> int:
+        """Wait for the process to exit; returns its exit code."""
         assert self.process is not None
         return self.process.wait(timeout)
 
     def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 30 s; returns the exit code."""
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else None
         self.process.send_signal(signal.SIGTERM)
@@ -99,12 +109,3 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False

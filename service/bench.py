@@ -1,0 +1,489 @@
+"""``convserve bench``: the served model against the limit, side by side in one run.
+
+The limit is the same model run in-process by ONNX Runtime with the server's own thread settings
+(``--raw``). The served figures come from ``convserve serve`` in another process (started here on
+free ports unless ``--server`` names one), loaded by :mod:`service.loadgen` in a third process so
+the load generator never shares the server's GIL; its own CPU use is reported because on a small
+machine it competes for the same cores. ``--dense`` compares ClassifyDense with ``mode=crops``.
+Results go to JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import BUNDLED_REPOSITORY
+from .model_info import read_model_info
+from .runtime import DeviceChoice, Runtime
+from .server_process import ServerProcess
+
+__all__ = ["add_commands", "dense_comparison", "raw_benchmark", "served_benchmark"]
+
+KSERVE_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+CLASSIFY_METHOD = "/convserve.v1.Classifier/Classify"
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """In-process ONNX Runtime at one batch size."""
+
+    batch: int
+    images_per_second: float
+    ms_per_batch: float
+
+
+@dataclass(frozen=True)
+class ServedRow:
+    """One step of the concurrency sweep."""
+
+    api: str
+    concurrency: int
+    requests_per_second: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_batch: float
+    generator_cpu_share: float
+    errors: int
+
+
+def raw_benchmark(
+    path: Path, device: str, batch_sizes: list[int], seconds: float, cpu_threads: int
+) -> list[RawRow]:
+    """Images/s and time per batch of the model run in-process, as the server would run it."""
+    runtime = Runtime(path, DeviceChoice(device), 1, cpu_threads, dynamic_shapes=False)
+    spec = runtime.inputs[0]
+    rows = []
+    for batch in batch_sizes:
+        feeds = {
+            spec.name: np.random.default_rng(0)
+            .standard_normal((batch, *spec.shape[1:]))
+            .astype(spec.dtype)
+        }
+        for _ in range(3):
+            runtime.run(feeds)
+        runs, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            runtime.run(feeds)
+            runs += 1
+        elapsed = time.perf_counter() - started
+        rows.append(RawRow(batch, runs * batch / elapsed, elapsed / runs * 1000))
+    return rows
+
+
+def _kserve_payload(runtime: Runtime) -> bytes:
+    from ._generated.inference import grpc_service_pb2 as pb
+
+    spec = runtime.inputs[0]
+    shape = [1, *spec.shape[1:]]
+    request = pb.ModelInferRequest(
+        model_name="",
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name=spec.name, datatype=spec.datatype, shape=shape
+            )
+        ],
+    )
+    request.raw_input_contents.append(np.zeros(shape, spec.dtype).tobytes())
+    return bytes(request.SerializeToString())
+
+
+def _classify_payload(runtime: Runtime) -> bytes | None:
+    from PIL import Image
+
+    from ._generated.convserve.v1 import classifier_pb2 as pb
+
+    info = read_model_info(runtime.metadata)
+    if info.preprocess is None or info.window is None or len(info.window) != 2:
+        return None
+    mode = "RGB" if info.preprocess.color == "RGB" else "L"
+    shape = (*info.window, 3) if mode == "RGB" else info.window
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buffer, format="PNG")
+    request = pb.ClassifyRequest(images=[pb.Image(encoded=buffer.getvalue())])
+    return bytes(request.SerializeToString())
+
+
+def _with_model(payload: bytes, method: str, model: str) -> bytes:
+    from ._generated.convserve.v1 import classifier_pb2
+    from ._generated.inference import grpc_service_pb2
+
+    if method == KSERVE_METHOD:
+        kserve = grpc_service_pb2.ModelInferRequest.FromString(payload)
+        kserve.model_name = model
+        return bytes(kserve.SerializeToString())
+    classify = classifier_pb2.ClassifyRequest.FromString(payload)
+    classify.model = model
+    return bytes(classify.SerializeToString())
+
+
+def _batch_counts(metrics_url: str, model: str) -> tuple[float, float]:
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith(f'convserve_batch_size_sum{{model="{model}"}}'):
+            total = float(line.split()[-1])
+        elif line.startswith(f'convserve_batch_size_count{{model="{model}"}}'):
+            count = float(line.split()[-1])
+    return total, count
+
+
+def served_benchmark(
+    address: str,
+    metrics_url: str,
+    model: str,
+    api: str,
+    method: str,
+    payload: bytes,
+    concurrency: int,
+    seconds: float,
+) -> ServedRow:
+    """One load step through :mod:`service.loadgen` in its own process."""
+    with tempfile.NamedTemporaryFile(suffix=".bin") as handle:
+        handle.write(_with_model(payload, method, model))
+        handle.flush()
+        before = _batch_counts(metrics_url, model)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "service.loadgen",
+                "--address",
+                address,
+                "--method",
+                method,
+                "--payload",
+                handle.name,
+                "--concurrency",
+                str(concurrency),
+                "--duration",
+                str(seconds),
+                "--warmup",
+                str(min(1.0, seconds / 4)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 120,
+            check=True,
+        )
+        after = _batch_counts(metrics_url, model)
+    summary = json.loads(result.stdout)
+    batches = after[1] - before[1]
+    mean_batch = (after[0] - before[0]) / batches if batches else float("nan")
+    return ServedRow(
+        api,
+        concurrency,
+        summary["rate"],
+        summary["p50_ms"],
+        summary["p90_ms"],
+        summary["p99_ms"],
+        mean_batch,
+        summary["generator_cpu_seconds"] / summary["seconds"],
+        sum(summary["errors"].values()),
+    )
+
+
+def dense_comparison(address: str, model: str, repeats: int) -> dict[str, Any]:
+    """Median ClassifyDense time in dense and in crops mode, alternated, on one image.
+
+    The image is 384x384 for networks with large windows, and a strip 125 windows long for
+    small ones (the demo model).
+    """
+    import grpc
+    from PIL import Image
+
+    from ._generated.convserve.v1 import classifier_pb2 as pb
+    from ._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_send_message_length", 256 << 20),
+            ("grpc.max_receive_message_length", 256 << 20),
+        ],
+    ) as channel:
+        stub = pb_grpc.ClassifierStub(channel)  # type: ignore[no-untyped-call]
+        described = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+        entry = described[model]
+        window = list(entry.window)
+        size = (window[0] * 125, window[1]) if window[0] < 64 else (384, 384)
+        shape = (size[1], size[0], 3) if entry.channels == 3 else (size[1], size[0])
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)).save(
+            buffer, format="PNG"
+        )
+        dense = pb.ClassifyDenseRequest(
+            model=model, return_map=False, image=pb.Image(encoded=buffer.getvalue())
+        )
+        crops = pb.ClassifyDenseRequest()
+        crops.CopyFrom(dense)
+        crops.mode = pb.MODE_CROPS
+
+        def timed(request: pb.ClassifyDenseRequest) -> float:
+            started = time.perf_counter()
+            stub.ClassifyDense(request, timeout=600)
+            return time.perf_counter() - started
+
+        cells = stub.ClassifyDense(dense).cells
+        timed(crops)
+        dense_s, crops_s = [], []
+        for _ in range(repeats):
+            dense_s.append(timed(dense))
+            crops_s.append(timed(crops))
+    dense_ms, crops_ms = statistics.median(dense_s) * 1000, statistics.median(crops_s) * 1000
+    return {
+        "model": model,
+        "cells": cells,
+        "dense_ms": dense_ms,
+        "crops_ms": crops_ms,
+        "crops_over_dense": crops_ms / dense_ms,
+    }
+
+
+def _plot(results: dict[str, Any], target: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for api in sorted({r["api"] for r in results["served"]}):
+        rows = [r for r in results["served"] if r["api"] == api]
+        left.plot(
+            [r["concurrency"] for r in rows],
+            [r["requests_per_second"] for r in rows],
+            marker="o",
+            label=f"served {api}",
+        )
+        right.plot(
+            [r["requests_per_second"] for r in rows],
+            [r["p50_ms"] for r in rows],
+            marker="o",
+            label=f"{api} p50",
+        )
+        right.plot(
+            [r["requests_per_second"] for r in rows],
+            [r["p99_ms"] for r in rows],
+            marker="x",
+            linestyle="--",
+            label=f"{api} p99",
+        )
+    if results["raw"]:
+        best = max(r["images_per_second"] for r in results["raw"])
+        left.axhline(best, color="grey", linestyle=":", label="raw ONNX Runtime best")
+    left.set(
+        xscale="log",
+        xlabel="concurrency",
+        ylabel="images/s",
+        title=f"{results['model']}: throughput",
+    )
+    right.set(xlabel="images/s", ylabel="latency (ms)", yscale="log", title="latency vs throughput")
+    left.legend()
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def _print_report(results: dict[str, Any]) -> None:
+    print(f"model {results['model']} on {results['device']}")
+    for row in results["raw"]:
+        print(
+            f"  raw batch {row['batch']:>4}: {row['images_per_second']:10.1f} images/s, "
+            f"{row['ms_per_batch']:8.3f} ms per batch"
+        )
+    for row in results["served"]:
+        print(
+            f"  served {row['api']:<8} c={row['concurrency']:>3}: "
+            f"{row['requests_per_second']:9.1f} req/s, p50 {row['p50_ms']:7.2f} ms, "
+            f"p90 {row['p90_ms']:7.2f}, p99 {row['p99_ms']:7.2f}, batch "
+            f"{row['mean_batch']:5.2f}, load generator {row['generator_cpu_share']:.0%} of a "
+            f"core, errors {row['errors']}"
+        )
+    for line in results["ratios"]:
+        print(f"  {line}")
+    for row in results["dense"]:
+        print(
+            f"  dense {row['model']}: {row['cells']} cells, dense {row['dense_ms']:.1f} ms, "
+            f"crops {row['crops_ms']:.1f} ms: crops/dense {row['crops_over_dense']:.1f}x"
+        )
+
+
+def _ratios(raw: list[RawRow], served: list[ServedRow]) -> list[str]:
+    if not raw:
+        return []
+    best = max(r.images_per_second for r in raw)
+    lines = []
+    for row in served:
+        lines.append(
+            f"{row.api} c={row.concurrency}: served/raw-best throughput "
+            f"{row.requests_per_second / best:.2f}"
+        )
+    batch_one = next((r for r in raw if r.batch == 1), None)
+    for row in served:
+        if row.concurrency == 1 and batch_one is not None:
+            lines.append(
+                f"{row.api}: p50 at c=1 minus raw batch-1 latency "
+                f"{row.p50_ms - batch_one.ms_per_batch:+.2f} ms"
+            )
+    return lines
+
+
+class _Remote:
+    """A server someone else runs (``--server``)."""
+
+    def __init__(self, address: str, metrics_url: str) -> None:
+        self.grpc_address, self.metrics_url = address, metrics_url
+
+    def __enter__(self) -> _Remote:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _server(args: argparse.Namespace, server_args: list[str]) -> ServerProcess | _Remote:
+    if args.server:
+        host = args.server.rsplit(":", 1)[0]
+        return _Remote(args.server, args.metrics_url or f"http://{host}:8002/metrics")
+    return ServerProcess(args.model_repository, *server_args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``bench`` command."""
+    seconds = 1.0 if args.smoke else args.duration
+    concurrency = [1, 4] if args.smoke else args.concurrency
+    batches = [1, 8] if args.smoke else args.batch_sizes
+    path = args.model_repository / args.model / str(args.version) / "model.onnx"
+    if not path.is_file():
+        print(f"convserve bench: error: {path} does not exist", file=sys.stderr)
+        return 1
+    server_args = [
+        "--device",
+        args.device,
+        *(["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else []),
+    ]
+    runtime = Runtime(path, DeviceChoice(args.device), 1, args.cpu_threads, False)
+    results: dict[str, Any] = {
+        "model": args.model,
+        "device": runtime.provider,
+        "raw": [],
+        "served": [],
+        "ratios": [],
+        "dense": [],
+        "batching_off": [],
+    }
+    raw = raw_benchmark(path, args.device, batches, seconds, args.cpu_threads)
+    results["raw"] = [asdict(r) for r in raw]
+    served: list[ServedRow] = []
+    if not args.raw:
+        payloads = {"kserve": (KSERVE_METHOD, _kserve_payload(runtime))}
+        classify = _classify_payload(runtime)
+        if classify is not None and "classify" in args.apis:
+            payloads["classify"] = (CLASSIFY_METHOD, classify)
+        payloads = {k: v for k, v in payloads.items() if k in args.apis}
+        with _server(args, server_args) as server:
+            for api, (method, payload) in payloads.items():
+                for level in concurrency:
+                    served.append(
+                        served_benchmark(
+                            server.grpc_address,
+                            server.metrics_url,
+                            args.model,
+                            api,
+                            method,
+                            payload,
+                            level,
+                            seconds,
+                        )
+                    )
+            if args.dense:
+                results["dense"] = [
+                    dense_comparison(server.grpc_address, args.model, 2 if args.smoke else 5)
+                ]
+        if args.compare_batching:
+            method, payload = payloads["kserve"]
+            with ServerProcess(
+                args.model_repository, *server_args, "--max-batch-size", "1"
+            ) as unbatched:
+                row = served_benchmark(
+                    unbatched.grpc_address,
+                    unbatched.metrics_url,
+                    args.model,
+                    "kserve-nobatch",
+                    method,
+                    payload,
+                    max(concurrency),
+                    seconds,
+                )
+            results["batching_off"] = [asdict(row)]
+            batched = next(
+                r for r in served if r.api == "kserve" and r.concurrency == max(concurrency)
+            )
+            results["ratios"].append(
+                f"batching on/off at c={max(concurrency)}: "
+                f"{batched.requests_per_second / row.requests_per_second:.2f}x"
+            )
+    results["served"] = [asdict(r) for r in served]
+    results["ratios"] = _ratios(raw, served) + results["ratios"]
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "bench.json").write_text(json.dumps(results, indent=2))
+    plotted = bool(served) and _plot(results, args.output / "bench.png")
+    _print_report(results)
+    print(
+        f"results: {args.output / 'bench.json'}"
+        + (f", plot: {args.output / 'bench.png'}" if plotted else " (no plot: no matplotlib)")
+    )
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``bench``."""
+    bench = commands.add_parser(
+        "bench", help="served vs raw ONNX Runtime, side by side", description=__doc__
+    )
+    bench.add_argument("--model-repository", type=Path, default=BUNDLED_REPOSITORY)
+    bench.add_argument("--model", default="digits")
+    bench.add_argument("--version", type=int, default=1)
+    bench.add_argument("--device", default="auto")
+    bench.add_argument(
+        "--server", metavar="HOST:PORT", help="load this running server instead of starting one"
+    )
+    bench.add_argument("--metrics-url", help="its /metrics (default: port 8002 on its host)")
+    bench.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime threads, the same for raw and served (0: the server's)",
+    )
+    bench.add_argument("--raw", action="store_true", help="only the in-process limit")
+    bench.add_argument("--dense", action="store_true", help="also ClassifyDense vs crops")
+    bench.add_argument("--apis", nargs="+", default=["kserve", "classify"])
+    bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    bench.add_argument("--duration", type=float, default=5.0, help="seconds per step")
+    bench.add_argument(
+        "--compare-batching",
+        action="store_true",
+        help="also run the highest concurrency with batching off",
+    )
+    bench.add_argument("--output", type=Path, default=Path("bench-results"))
+    bench.add_argument("--smoke", action="store_true", help="everything for about a second")
+    bench.set_defaults(handler=run)

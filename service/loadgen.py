@@ -1,0 +1,106 @@
+"""A gRPC load generator that runs in its own process: ``python -m service.loadgen``.
+
+Sends one pre-serialised request over and over from ``concurrency`` coroutines on one grpc.aio
+channel for a fixed time, and prints one JSON document: requests, errors, latency percentiles
+(ms), achieved rate, and the generator's own CPU seconds, since on a small machine it competes
+with the server for the same cores. Payloads are bytes on both sides, so the generator spends
+nothing on protobuf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+__all__ = ["main"]
+
+
+async def _drive(
+    address: str, method: str, payload: bytes, concurrency: int, duration: float, warmup: float
+) -> dict[str, object]:
+    options = [
+        ("grpc.max_send_message_length", 256 << 20),
+        ("grpc.max_receive_message_length", 256 << 20),
+    ]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        call = channel.unary_unary(method)
+        await call(payload, timeout=60)
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        measuring = False
+        stop = time.perf_counter() + warmup + duration
+
+        async def worker() -> None:
+            while time.perf_counter() < stop:
+                started = time.perf_counter()
+                try:
+                    await call(payload, timeout=60)
+                except grpc.aio.AioRpcError as exc:
+                    if measuring:
+                        errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    continue
+                if measuring:
+                    latencies.append(time.perf_counter() - started)
+
+        async def clock() -> float:
+            nonlocal measuring
+            await asyncio.sleep(warmup)
+            measuring = True
+            begun = time.perf_counter()
+            await asyncio.sleep(duration)
+            measuring = False
+            return time.perf_counter() - begun
+
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+        timer = asyncio.create_task(clock())
+        await asyncio.gather(timer, *(worker() for _ in range(concurrency)))
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    elapsed = timer.result()
+    values = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": elapsed,
+        "rate": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(values, 50)),
+        "p90_ms": float(np.percentile(values, 90)),
+        "p99_ms": float(np.percentile(values, 99)),
+        "generator_cpu_seconds": cpu,
+    }
+
+
+def main() -> int:
+    """Parse flags, drive the load, print the JSON summary."""
+    parser = argparse.ArgumentParser(prog="python -m service.loadgen")
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--method", required=True, help="/package.Service/Method")
+    parser.add_argument("--payload", type=Path, required=True, help="serialised request")
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=0.5)
+    args = parser.parse_args()
+    summary = asyncio.run(
+        _drive(
+            args.address,
+            args.method,
+            args.payload.read_bytes(),
+            args.concurrency,
+            args.duration,
+            args.warmup,
+        )
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

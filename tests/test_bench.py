@@ -1,0 +1,42 @@
+"""The benchmark's smoke mode runs end to end, so it cannot rot (it asserts no speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "bench",
+            "--smoke",
+            "--dense",
+            "--compare-batching",
+            "--output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["batch"] for r in results["raw"]] == [1, 8]
+    assert {(r["api"], r["concurrency"]) for r in results["served"]} == {
+        ("kserve", 1),
+        ("kserve", 4),
+        ("classify", 1),
+        ("classify", 4),
+    }
+    assert all(r["errors"] == 0 and r["requests_per_second"] > 0 for r in results["served"])
+    assert any("served/raw-best throughput" in line for line in results["ratios"])
+    assert results["dense"][0]["cells"] > 0 and results["batching_off"]
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "served kserve" in result.stdout
