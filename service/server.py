@@ -38,11 +38,18 @@ log = logging.getLogger(__name__)
 
 
 def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
-    return [
+    options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    if settings.max_connection_age_seconds:
+        # GOAWAY after this age; in-flight calls get the drain grace to finish.
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.drain_grace_seconds * 1000)),
+        ]
+    return options
 
 
 async def run_server(settings: Settings) -> int:

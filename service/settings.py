@@ -14,7 +14,7 @@ from typing import Any
 
 from . import BUNDLED_REPOSITORY
 
-__all__ = ["ENV_PREFIX", "Settings", "add_arguments", "from_arguments"]
+__all__ = ["ENV_PREFIX", "Settings", "add_arguments", "from_arguments", "parse_value"]
 
 ENV_PREFIX = "CONVSERVE_"
 
@@ -50,6 +50,11 @@ class Settings:
     log_level: str = _setting(
         "info", "debug, info, warning or error", choices=("debug", "info", "warning", "error")
     )
+    max_connection_age_seconds: float = _setting(
+        0.0,
+        "close client connections older than this (after a drain grace) so long-lived "
+        "HTTP/2 clients reconnect and spread over new pods (0: never)",
+    )
     drain_grace_seconds: float = _setting(
         20.0, "on SIGTERM, how long in-flight requests may take to finish"
     )
@@ -83,6 +88,7 @@ class Settings:
             "max_map_cells": self.max_map_cells >= 1,
             "max_dense_copies": self.max_dense_copies >= 1,
             "drain_grace_seconds": self.drain_grace_seconds >= 0,
+            "max_connection_age_seconds": self.max_connection_age_seconds >= 0,
             "max_batch_size": self.max_batch_size >= 1,
             "max_queue_delay_microseconds": self.max_queue_delay_microseconds >= 0,
             "max_queue_size": self.max_queue_size >= 0,
@@ -105,7 +111,8 @@ def _env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
-def _convert(kind: Any, text: str) -> Any:
+def parse_value(kind: Any, text: str) -> Any:
+    """A setting's value from its environment-variable text (``"4,8"`` for a list)."""
     if kind in (int, "int"):
         return int(text)
     if kind in (float, "float"):
@@ -123,7 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         env = _env_name(spec.name)
         default = spec.default
         if env in os.environ:
-            default = _convert(spec.type, os.environ[env])
+            default = parse_value(spec.type, os.environ[env])
         options: dict[str, Any] = {
             "default": default,
             "dest": spec.name,
@@ -135,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             options["nargs"] = spec.metadata["nargs"]
             options["type"] = int
         elif spec.type not in (str, "str"):
-            options["type"] = lambda text, kind=spec.type: _convert(kind, text)
+            options["type"] = lambda text, kind=spec.type: parse_value(kind, text)
         parser.add_argument("--" + spec.name.replace("_", "-"), **options)
 
 

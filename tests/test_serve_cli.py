@@ -109,3 +109,20 @@ def test_stream_infer() -> None:
         assert ids == ["0", "1", "2", "3", "4"]
         errors = [r for r in got if not hasattr(r, "get_response")]
         assert len(errors) == 1 and "does not match the model's" in str(errors[0])
+
+
+def test_max_connection_age_closes_old_connections_without_failing_calls() -> None:
+    with (
+        ServerProcess(BUNDLED_REPOSITORY, "--max-connection-age-seconds", "1") as server,
+        triton.InferenceServerClient(server.grpc_address) as client,
+    ):
+        tensor = triton.InferInput("input", [1, 1, 8, 8], "FP32")
+        tensor.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+        import time
+
+        deadline = time.monotonic() + 3
+        calls = 0
+        while time.monotonic() < deadline:  # spans several connection lifetimes
+            assert client.infer("digits", [tensor]).as_numpy("logits").shape == (1, 10)
+            calls += 1
+        assert calls > 10
