@@ -1,6 +1,6 @@
 """Write the Kubernetes forms of the alert rules and the dashboard from their sources.
 
-    python deploy/generate.py           # write deploy/k8s/base/{prometheusrule,grafana-dashboard}.yaml
+    python deploy/generate.py           # write them into deploy/k8s/base
     python deploy/generate.py --check   # exit 1 if they differ from what the sources give
 
 Sources: deploy/prometheus/alerts.yml (also loaded by plain Prometheus) and
