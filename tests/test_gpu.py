@@ -71,3 +71,14 @@ def test_server_on_cuda(tmp_path: Path) -> None:
         text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
         assert 'provider="CUDAExecutionProvider"' in text
         assert "running on CUDA device 0" in server.log()
+
+
+def test_gpu_gauges_with_nvml() -> None:
+    pytest.importorskip("pynvml")
+    from service.server_process import ServerProcess
+
+    with ServerProcess(BUNDLED_REPOSITORY, "--device", "cuda") as server:
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    assert 'convserve_gpu_memory_total_bytes{gpu="0"}' in text
+    assert 'convserve_gpu_utilization_ratio{gpu="0"}' in text
+    assert 'convserve_model_device_memory_bytes{model="digits"}' in text
