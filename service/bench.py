@@ -58,6 +58,8 @@ class ServedRow:
     mean_batch: float
     generator_cpu_share: float
     errors: int
+    compute_ms_per_batch: float
+    queue_ms: float
 
 
 def raw_benchmark(
@@ -131,15 +133,30 @@ def _with_model(payload: bytes, method: str, model: str) -> bytes:
     return bytes(classify.SerializeToString())
 
 
-def _batch_counts(metrics_url: str, model: str) -> tuple[float, float]:
+_COUNTERS = (
+    "convserve_batch_size",
+    "convserve_compute_duration_seconds",
+    "convserve_queue_duration_seconds",
+)
+
+
+def _server_counters(metrics_url: str, model: str) -> dict[str, float]:
+    """Sum and count of the server's batch-size, compute and queue histograms for ``model``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    total = count = 0.0
-    for line in text.splitlines():
-        if line.startswith(f'convserve_batch_size_sum{{model="{model}"}}'):
-            total = float(line.split()[-1])
-        elif line.startswith(f'convserve_batch_size_count{{model="{model}"}}'):
-            count = float(line.split()[-1])
-    return total, count
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("model") == model and sample.name.endswith(("_sum", "_count")):
+                found[sample.name] = sample.value
+    return found
+
+
+def _mean(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    count = after.get(name + "_count", 0.0) - before.get(name + "_count", 0.0)
+    total = after.get(name + "_sum", 0.0) - before.get(name + "_sum", 0.0)
+    return total / count if count else float("nan")
 
 
 def served_benchmark(
@@ -156,7 +173,7 @@ def served_benchmark(
     with tempfile.NamedTemporaryFile(suffix=".bin") as handle:
         handle.write(_with_model(payload, method, model))
         handle.flush()
-        before = _batch_counts(metrics_url, model)
+        before = _server_counters(metrics_url, model)
         result = subprocess.run(
             [
                 sys.executable,
@@ -180,10 +197,8 @@ def served_benchmark(
             timeout=seconds + 120,
             check=True,
         )
-        after = _batch_counts(metrics_url, model)
+        after = _server_counters(metrics_url, model)
     summary = json.loads(result.stdout)
-    batches = after[1] - before[1]
-    mean_batch = (after[0] - before[0]) / batches if batches else float("nan")
     return ServedRow(
         api,
         concurrency,
@@ -191,9 +206,11 @@ def served_benchmark(
         summary["p50_ms"],
         summary["p90_ms"],
         summary["p99_ms"],
-        mean_batch,
+        _mean(before, after, "convserve_batch_size"),
         summary["generator_cpu_seconds"] / summary["seconds"],
         sum(summary["errors"].values()),
+        _mean(before, after, "convserve_compute_duration_seconds") * 1000,
+        _mean(before, after, "convserve_queue_duration_seconds") * 1000,
     )
 
 
@@ -314,8 +331,9 @@ def _print_report(results: dict[str, Any]) -> None:
             f"  served {row['api']:<8} c={row['concurrency']:>3}: "
             f"{row['requests_per_second']:9.1f} req/s, p50 {row['p50_ms']:7.2f} ms, "
             f"p90 {row['p90_ms']:7.2f}, p99 {row['p99_ms']:7.2f}, batch "
-            f"{row['mean_batch']:5.2f}, load generator {row['generator_cpu_share']:.0%} of a "
-            f"core, errors {row['errors']}"
+            f"{row['mean_batch']:5.2f} (compute {row['compute_ms_per_batch']:.2f} ms/batch, "
+            f"queue {row['queue_ms']:.2f} ms), load generator "
+            f"{row['generator_cpu_share']:.0%} of a core, errors {row['errors']}"
         )
     for line in results["ratios"]:
         print(f"  {line}")
