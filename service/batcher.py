@@ -74,9 +74,8 @@ class BatchQueue:
     def __init__(
         self,
         run: RunBatch,
-        executor: Executor,
+        executors: Sequence[Executor],
         *,
-        instances: int,
         max_batch_size: int,
         max_queue_delay_microseconds: int = 0,
         preferred_batch_size: Sequence[int] = (),
@@ -87,7 +86,7 @@ class BatchQueue:
         self._run = run
         self._inline_below = inline_below_seconds
         self._typical: float | None = None  # moving average of a batch's compute time
-        self._executor = executor
+        self._executors = list(executors)
         self._max_batch = max(1, max_batch_size)
         self._delay = max_queue_delay_microseconds / 1e6
         self._preferred = sorted(p for p in preferred_batch_size if p <= self._max_batch)
@@ -98,7 +97,8 @@ class BatchQueue:
         self._arrived = asyncio.Event()
         self._closing = False
         self._workers = [
-            asyncio.create_task(self._work(i), name=f"batch-worker-{i}") for i in range(instances)
+            asyncio.create_task(self._work(i), name=f"batch-worker-{i}")
+            for i in range(len(self._executors))
         ]
 
     @property
@@ -230,7 +230,7 @@ class BatchQueue:
             else:
                 loop = asyncio.get_running_loop()
                 outputs, elapsed = await loop.run_in_executor(
-                    self._executor, self._timed, feeds, instance
+                    self._executors[instance], self._timed, feeds, instance
                 )
             wrong = [o.shape for o in outputs if o.ndim == 0 or o.shape[0] != total]
             if wrong:

@@ -302,8 +302,7 @@ class ModelRepository:
         batching = config.batching
         batcher = BatchQueue(
             built.runtime.run,
-            self._executor,
-            instances=len(built.runtime.sessions),
+            built.runtime.executors,
             max_batch_size=max(1, built.max_batch_size),
             max_queue_delay_microseconds=batching.max_queue_delay_microseconds,
             preferred_batch_size=batching.preferred_batch_size,
@@ -341,6 +340,8 @@ class ModelRepository:
         for name in names:
             await self._health(name, name in self._served)
         await asyncio.gather(*(m.batcher.close() for m in old))
+        for model in old:
+            model.runtime.close()
 
     async def unload(self, name: str) -> None:
         """Stop serving a model folder; in-flight requests finish first.
@@ -356,5 +357,8 @@ class ModelRepository:
             self._state[logical] = ("UNAVAILABLE", "unloaded")
 
     async def close(self) -> None:
-        """Drain every batcher (at shutdown)."""
-        await asyncio.gather(*(m.batcher.close() for m in self.served()))
+        """Drain every batcher, then stop the runtimes' threads (at shutdown)."""
+        served = self.served()
+        await asyncio.gather(*(m.batcher.close() for m in served))
+        for model in served:
+            model.runtime.close()

@@ -48,7 +48,7 @@ def rows(n: int, start: float) -> np.ndarray:
 
 async def test_lone_request_pays_no_window(executor) -> None:
     run = Recorder()
-    queue = BatchQueue(run, executor, instances=1, max_batch_size=8)
+    queue = BatchQueue(run, [executor], max_batch_size=8)
     out = await queue.submit({"x": rows(2, 0)}, 2, (3,), None)
     np.testing.assert_array_equal(out[0], rows(2, 0) * 2 + 1)
     assert run.sizes == [2]
@@ -58,7 +58,7 @@ async def test_lone_request_pays_no_window(executor) -> None:
 async def test_requests_queued_while_busy_share_the_next_batch(executor) -> None:
     run = Recorder()
     run.gate.clear()
-    queue = BatchQueue(run, executor, instances=1, max_batch_size=8)
+    queue = BatchQueue(run, [executor], max_batch_size=8)
     first = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     await asyncio.to_thread(run.entered.wait, 5)  # the instance is now busy with `first`
     later = [queue.submit({"x": rows(1, 10 * i)}, 1, (3,), None) for i in range(1, 6)]
@@ -74,9 +74,7 @@ async def test_requests_queued_while_busy_share_the_next_batch(executor) -> None
 
 async def test_window_holds_the_batch_until_full(executor) -> None:
     run = Recorder()
-    queue = BatchQueue(
-        run, executor, instances=1, max_batch_size=4, max_queue_delay_microseconds=5_000_000
-    )
+    queue = BatchQueue(run, [executor], max_batch_size=4, max_queue_delay_microseconds=5_000_000)
     futures = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(3)]
     await asyncio.sleep(0.1)
     assert not any(f.done() for f in futures) and run.sizes == []
@@ -88,9 +86,7 @@ async def test_window_holds_the_batch_until_full(executor) -> None:
 
 async def test_window_ends_on_the_monotonic_clock(executor) -> None:
     run = Recorder()
-    queue = BatchQueue(
-        run, executor, instances=1, max_batch_size=64, max_queue_delay_microseconds=100_000
-    )
+    queue = BatchQueue(run, [executor], max_batch_size=64, max_queue_delay_microseconds=100_000)
     loop = asyncio.get_running_loop()
     started = loop.time()
     await asyncio.gather(*(queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(3)))
@@ -102,7 +98,7 @@ async def test_window_ends_on_the_monotonic_clock(executor) -> None:
 async def test_shapes_never_share_a_batch(executor) -> None:
     run = Recorder()
     run.gate.clear()
-    queue = BatchQueue(run, executor, instances=1, max_batch_size=16)
+    queue = BatchQueue(run, [executor], max_batch_size=16)
     blocker = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     await asyncio.to_thread(run.entered.wait, 5)
     small = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(3)]
@@ -116,7 +112,7 @@ async def test_shapes_never_share_a_batch(executor) -> None:
 async def test_preferred_batch_size_cuts_the_batch(executor) -> None:
     run = Recorder()
     run.gate.clear()
-    queue = BatchQueue(run, executor, instances=1, max_batch_size=16, preferred_batch_size=[4])
+    queue = BatchQueue(run, [executor], max_batch_size=16, preferred_batch_size=[4])
     blocker = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     await asyncio.to_thread(run.entered.wait, 5)
     rest = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(6)]
@@ -129,7 +125,7 @@ async def test_preferred_batch_size_cuts_the_batch(executor) -> None:
 async def test_full_queue_is_refused_at_once(executor) -> None:
     run = Recorder()
     run.gate.clear()
-    queue = BatchQueue(run, executor, instances=1, max_batch_size=1, max_queue_size=2)
+    queue = BatchQueue(run, [executor], max_batch_size=1, max_queue_size=2)
     busy = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     await asyncio.to_thread(run.entered.wait, 5)
     waiting = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(2)]
@@ -143,7 +139,7 @@ async def test_full_queue_is_refused_at_once(executor) -> None:
 async def test_expired_and_cancelled_requests_cost_no_compute(executor) -> None:
     run = Recorder()
     run.gate.clear()
-    queue = BatchQueue(run, executor, instances=1, max_batch_size=8)
+    queue = BatchQueue(run, [executor], max_batch_size=8)
     busy = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     await asyncio.to_thread(run.entered.wait, 5)
     expired = queue.submit({"x": rows(1, 1)}, 1, (3,), time.monotonic() + 0.01)
@@ -163,7 +159,7 @@ async def test_expired_and_cancelled_requests_cost_no_compute(executor) -> None:
 async def test_an_error_reaches_the_whole_batch_and_the_next_batch_runs(executor) -> None:
     run = Recorder(fail_when=lambda x: bool((x < 0).any()))
     run.gate.clear()
-    queue = BatchQueue(run, executor, instances=1, max_batch_size=8)
+    queue = BatchQueue(run, [executor], max_batch_size=8)
     busy = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     await asyncio.to_thread(run.entered.wait, 5)
     doomed = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(2)]
@@ -188,7 +184,7 @@ def test_every_request_gets_exactly_its_own_rows(sizes: list[int], instances: in
     async def scenario() -> None:
         with ThreadPoolExecutor(4) as pool:
             run = Recorder()
-            queue = BatchQueue(run, pool, instances=instances, max_batch_size=8)
+            queue = BatchQueue(run, [pool] * instances, max_batch_size=8)
             inputs = [rows(n, 1000 * i) for i, n in enumerate(sizes)]
             results = await asyncio.gather(
                 *(queue.submit({"x": x}, len(x), (3,), None) for x in inputs)
