@@ -11,8 +11,9 @@ from ._generated.convserve.v1 import classifier_pb2 as pb
 from ._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from .classification import Classification, DenseQuery, DenseResult, ImageInput, Labelled
 from .codec import checked_frombuffer
+from .inference import Outcome
 from .model_info import DenseInfo
-from .rpc import deadline_of, guarded, inference_call
+from .rpc import deadline_of, inference_rpc, rpc
 
 __all__ = ["ClassifierServicer"]
 
@@ -81,60 +82,55 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self._classification = classification
         self._max_elements = max_elements
 
-    async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
-        async with inference_call(context, "classify") as outcome:
-            inputs = [_image(image, self._max_elements) for image in request.images]
-            model, results = await self._classification.classify(
-                request.model, request.version, inputs, request.top_k, deadline_of(context), outcome
-            )
-            return pb.ClassifyResponse(
-                model=model.name,
-                version=str(model.version),
-                results=[pb.Classification(top=[_label(e) for e in top]) for top in results],
-            )
-        raise AssertionError("unreachable")
+    @inference_rpc("classify")
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: Context, outcome: Outcome
+    ) -> pb.ClassifyResponse:
+        inputs = [_image(image, self._max_elements) for image in request.images]
+        model, results = await self._classification.classify(
+            request.model, request.version, inputs, request.top_k, deadline_of(context), outcome
+        )
+        return pb.ClassifyResponse(
+            model=model.name,
+            version=str(model.version),
+            results=[pb.Classification(top=[_label(e) for e in top]) for top in results],
+        )
 
+    @inference_rpc("dense")
     async def ClassifyDense(
-        self, request: pb.ClassifyDenseRequest, context: Context
+        self, request: pb.ClassifyDenseRequest, context: Context, outcome: Outcome
     ) -> pb.ClassifyDenseResponse:
-        async with inference_call(context, "dense") as outcome:
-            query = DenseQuery(
-                top_k=request.top_k,
-                divisor=request.stride_divisor or 1,
-                scales=tuple(request.scales) or (1.0,),
-                pool=_POOLS.get(request.pool, "mean"),
-                mode=_MODES.get(request.mode, "dense"),
-                return_map=request.return_map if request.HasField("return_map") else True,
-            )
-            result = await self._classification.classify_dense(
-                request.model,
-                request.version,
-                _image(request.image, self._max_elements),
-                query,
-                deadline_of(context),
-                outcome,
-            )
-            return _dense_response(result, query)
-        raise AssertionError("unreachable")
+        query = DenseQuery(
+            top_k=request.top_k,
+            divisor=request.stride_divisor or 1,
+            scales=tuple(request.scales) or (1.0,),
+            pool=_POOLS.get(request.pool, "mean"),
+            mode=_MODES.get(request.mode, "dense"),
+            return_map=request.return_map if request.HasField("return_map") else True,
+        )
+        image = _image(request.image, self._max_elements)
+        result = await self._classification.classify_dense(
+            request.model, request.version, image, query, deadline_of(context), outcome
+        )
+        return _dense_response(result, query)
 
+    @rpc
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
-        async with guarded(context):
-            response = pb.ListModelsResponse()
-            for model, twin in self._classification.models_with_twins():
-                info = model.info
-                classes = model.outputs[0].shape[1] if len(model.outputs[0].shape) > 1 else 0
-                entry = response.models.add(
-                    name=model.name,
-                    version=str(model.version),
-                    labels=len(info.labels) if info.labels else max(classes, 0),
-                    window=list(info.window or model.inputs[0].shape[2:]),
-                    channels=info.channels or max(model.inputs[0].shape[1], 0),
-                    dense=twin is not None,
-                )
-                geometry = (twin.info.dense if twin else None) or (info.dense if twin else None)
-                if geometry is not None:
-                    entry.geometry.CopyFrom(_geometry(geometry, geometry.stride))
-            return response
-        raise AssertionError("unreachable")
+        response = pb.ListModelsResponse()
+        for model, twin in self._classification.models_with_twins():
+            info = model.info
+            classes = model.outputs[0].shape[1] if len(model.outputs[0].shape) > 1 else 0
+            entry = response.models.add(
+                name=model.name,
+                version=str(model.version),
+                labels=len(info.labels) if info.labels else max(classes, 0),
+                window=list(info.window or model.inputs[0].shape[2:]),
+                channels=info.channels or max(model.inputs[0].shape[1], 0),
+                dense=twin is not None,
+            )
+            geometry = (twin.info.dense or info.dense) if twin else None
+            if geometry is not None:
+                entry.geometry.CopyFrom(_geometry(geometry, geometry.stride))
+        return response

@@ -20,7 +20,7 @@ from .codec import decode_request, encode_response
 from .errors import InvalidArgument, ModelNotFound, ServingError
 from .inference import DataPlane, Outcome
 from .kserve_messages import model_config, model_metadata, model_statistics, repository_index
-from .rpc import deadline_of, guarded, inference_call
+from .rpc import deadline_of, inference_rpc, rpc
 
 __all__ = ["KServeServicer"]
 
@@ -72,73 +72,67 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             name="convserve", version=__version__, extensions=EXTENSIONS
         )
 
+    @rpc
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        async with guarded(context):
-            model = self._repository.get(request.name, request.version)
-            return model_metadata(model, self._repository.versions(model.name))
-        raise AssertionError("unreachable")  # abort raised inside guarded
+        model = self._repository.get(request.name, request.version)
+        return model_metadata(model, self._repository.versions(model.name))
 
+    @rpc
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Context
     ) -> pb.ModelConfigResponse:
-        async with guarded(context):
-            return model_config(self._repository.get(request.name, request.version))
-        raise AssertionError("unreachable")
+        return model_config(self._repository.get(request.name, request.version))
 
+    @rpc
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
-        async with guarded(context):
-            if request.name:
-                models = (
-                    [self._repository.get(request.name, request.version)]
-                    if request.version
-                    else [
-                        self._repository.get(request.name, str(v))
-                        for v in self._repository.versions(request.name)
-                    ]
-                )
-                if not models:
-                    raise ModelNotFound(request.name)
-            else:
-                models = self._repository.served()
-            return model_statistics(models)
-        raise AssertionError("unreachable")
+        if request.name:
+            models = (
+                [self._repository.get(request.name, request.version)]
+                if request.version
+                else [
+                    self._repository.get(request.name, str(v))
+                    for v in self._repository.versions(request.name)
+                ]
+            )
+            if not models:
+                raise ModelNotFound(request.name)
+        else:
+            models = self._repository.served()
+        return model_statistics(models)
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
         return repository_index(self._repository, request.ready)
 
+    @rpc
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        async with guarded(context):
-            if request.parameters:
-                raise InvalidArgument(
-                    "load parameters (config overrides, model files) are not "
-                    "supported; place the files in the repository"
-                )
-            await self._repository.load(request.model_name)
-            return pb.RepositoryModelLoadResponse()
-        raise AssertionError("unreachable")
+        if request.parameters:
+            raise InvalidArgument(
+                "load parameters (config overrides, model files) are not "
+                "supported; place the files in the repository"
+            )
+        await self._repository.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
 
+    @rpc
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        async with guarded(context):
-            await self._repository.unload(request.model_name)
-            return pb.RepositoryModelUnloadResponse()
-        raise AssertionError("unreachable")
+        await self._repository.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
+    @inference_rpc("kserve")
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: Context
+        self, request: pb.ModelInferRequest, context: Context, outcome: Outcome
     ) -> pb.ModelInferResponse:
-        async with inference_call(context, "kserve") as outcome:
-            return await self._infer(request, deadline_of(context), outcome)
-        raise AssertionError("unreachable")
+        return await self._infer(request, deadline_of(context), outcome)
 
     async def _infer(
         self, request: pb.ModelInferRequest, deadline: float | None, outcome: Outcome

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import grpc
 
@@ -14,7 +16,7 @@ from . import metrics
 from .errors import ServingError
 from .inference import Outcome
 
-__all__ = ["deadline_of", "guarded", "inference_call"]
+__all__ = ["deadline_of", "guarded", "inference_call", "inference_rpc", "rpc"]
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +86,48 @@ async def inference_call(
                     "duration_seconds": round(elapsed, 6),
                 },
             )
+
+
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
+Servicer = TypeVar("Servicer")
+Handler = Callable[[Servicer, Request, grpc.aio.ServicerContext], Awaitable[Reply]]
+
+
+def rpc(method: Handler[Servicer, Request, Reply]) -> Handler[Servicer, Request, Reply]:
+    """Decorate a unary RPC: domain errors become statuses (see :func:`guarded`)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Servicer, request: Request, context: grpc.aio.ServicerContext) -> Reply:
+        async with guarded(context):
+            return await method(self, request, context)
+        raise AssertionError("unreachable: guarded() aborted the call")
+
+    return wrapper
+
+
+def inference_rpc(
+    api: str,
+) -> Callable[
+    [Callable[[Servicer, Request, grpc.aio.ServicerContext, Outcome], Awaitable[Reply]]],
+    Handler[Servicer, Request, Reply],
+]:
+    """Decorate an inference RPC of ``api``: statuses and request metrics.
+
+    The method gets the request's :class:`Outcome` as a fourth argument, to fill in.
+    """
+
+    def decorate(
+        method: Callable[[Servicer, Request, grpc.aio.ServicerContext, Outcome], Awaitable[Reply]],
+    ) -> Handler[Servicer, Request, Reply]:
+        @functools.wraps(method)
+        async def wrapper(
+            self: Servicer, request: Request, context: grpc.aio.ServicerContext
+        ) -> Reply:
+            async with inference_call(context, api) as outcome:
+                return await method(self, request, context, outcome)
+            raise AssertionError("unreachable: inference_call() aborted the call")
+
+        return wrapper
+
+    return decorate

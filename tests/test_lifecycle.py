@@ -193,17 +193,16 @@ def test_timeout_parameter_and_grpc_deadline(slow_repository: Path) -> None:
         assert client.infer("slow", [slow_input()]).as_numpy("y").shape == (1, 1024)
 
 
-def test_startup_fails_clearly_on_a_broken_model(tmp_path: Path) -> None:
-    (tmp_path / "broken" / "1").mkdir(parents=True)
-    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not onnx at all")
-    result = subprocess.run(
+def serve_until_exit(repository: Path) -> subprocess.CompletedProcess[str]:
+    """Run a server that is expected to give up at startup."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
             "service",
             "serve",
             "--model-repository",
-            str(tmp_path),
+            str(repository),
             "--grpc-port",
             "0",
             "--metrics-port",
@@ -216,6 +215,12 @@ def test_startup_fails_clearly_on_a_broken_model(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
+
+
+def test_startup_fails_clearly_on_a_broken_model(tmp_path: Path) -> None:
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not onnx at all")
+    result = serve_until_exit(tmp_path)
     assert result.returncode == 1
     assert "model 'broken' failed to load: " in result.stderr
     assert "Traceback" not in result.stderr
@@ -224,25 +229,6 @@ def test_startup_fails_clearly_on_a_broken_model(tmp_path: Path) -> None:
 def test_bad_config_json_is_refused(tmp_path: Path) -> None:
     shutil.copytree(BUNDLED_REPOSITORY / "digits", tmp_path / "digits")
     (tmp_path / "digits" / "config.json").write_text('{"max_batch_sise": 8}')
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "serve",
-            "--model-repository",
-            str(tmp_path),
-            "--grpc-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--host",
-            "127.0.0.1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = serve_until_exit(tmp_path)
     assert result.returncode == 1
     assert "unknown field max_batch_sise" in result.stderr
