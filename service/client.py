@@ -153,7 +153,8 @@ def _dense_one(
             else args.heatmap.with_name(f"{args.heatmap.stem}-{path.stem}{args.heatmap.suffix}")
         )
         write_heatmap(_read(path), reply, target)
-        document["heatmap"] = str(target)
+        # Not in the JSON document, whose shape is fixed: said on stderr instead.
+        print(f"heat-map of {path}: {target}", file=sys.stderr)
     return document
 
 
@@ -199,8 +200,6 @@ def _print_tables(documents: Sequence[dict[str, Any]]) -> None:
         for entry in document["top"]:
             cell = f"  cell {entry['best_cell']} box {entry['box']}" if "box" in entry else ""
             print(f"  {entry['probability']:8.2%}  {entry['index']:>5}  {entry['label']}{cell}")
-        if "heatmap" in document:
-            print(f"  heat-map: {document['heatmap']}")
 
 
 def _models(args: argparse.Namespace) -> int:

@@ -439,8 +439,21 @@ def test_client_commands(server: ServerProcess, held_out, tmp_path: Path) -> Non
     [document] = json.loads(result.stdout)
     assert document["map_shape"] == [10, 1, 17] and document["stride"] == [2, 2]
     assert document["window"] == [8, 8] and document["exact"] is True
+    assert set(document) == {
+        "image",
+        "model",
+        "version",
+        "mode",
+        "map_shape",
+        "stride",
+        "window",
+        "offset",
+        "exact",
+        "pool",
+        "top",
+    }
     assert set(document["top"][0]) == {"label", "index", "probability", "best_cell", "box"}
-    assert Image.open(heatmap).size == (40, 8)
+    assert Image.open(heatmap).size == (40, 8) and f"heat-map of {strip}" in result.stderr
 
     result = convserve("models", "--json")
     assert result.returncode == 0, result.stderr
