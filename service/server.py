@@ -43,10 +43,10 @@ def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    if settings.max_connection_age_seconds:
+    if settings.max_connection_age:
         # GOAWAY after this age; in-flight calls get the drain grace to finish.
         options += [
-            ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
             ("grpc.max_connection_age_grace_ms", int(settings.drain_grace_seconds * 1000)),
         ]
     return options

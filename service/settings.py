@@ -50,9 +50,9 @@ class Settings:
     log_level: str = _setting(
         "info", "debug, info, warning or error", choices=("debug", "info", "warning", "error")
     )
-    max_connection_age_seconds: float = _setting(
+    max_connection_age: float = _setting(
         0.0,
-        "close client connections older than this (after a drain grace) so long-lived "
+        "seconds; close client connections older than this (after a drain grace) so long-lived "
         "HTTP/2 clients reconnect and spread over new pods (0: never)",
     )
     drain_grace_seconds: float = _setting(
@@ -88,7 +88,7 @@ class Settings:
             "max_map_cells": self.max_map_cells >= 1,
             "max_dense_copies": self.max_dense_copies >= 1,
             "drain_grace_seconds": self.drain_grace_seconds >= 0,
-            "max_connection_age_seconds": self.max_connection_age_seconds >= 0,
+            "max_connection_age": self.max_connection_age >= 0,
             "max_batch_size": self.max_batch_size >= 1,
             "max_queue_delay_microseconds": self.max_queue_delay_microseconds >= 0,
             "max_queue_size": self.max_queue_size >= 0,

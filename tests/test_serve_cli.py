@@ -113,7 +113,7 @@ def test_stream_infer() -> None:
 
 def test_max_connection_age_closes_old_connections_without_failing_calls() -> None:
     with (
-        ServerProcess(BUNDLED_REPOSITORY, "--max-connection-age-seconds", "1") as server,
+        ServerProcess(BUNDLED_REPOSITORY, "--max-connection-age", "1") as server,
         triton.InferenceServerClient(server.grpc_address) as client,
     ):
         tensor = triton.InferInput("input", [1, 1, 8, 8], "FP32")
