@@ -214,3 +214,50 @@ def test_inspect_not_onnx(tmp_path: Path) -> None:
     bogus = tmp_path / "bogus.onnx"
     bogus.write_bytes(b"\x00not a model at all\xff" * 10)
     assert_clean_failure(convserve("inspect", str(bogus)), r"is not a readable ONNX model")
+
+
+def test_whole_saved_module_as_weights(repo: Path, tmp_path: Path) -> None:
+    model = nets.padding_free_2d()
+    with torch.no_grad():
+        model[0].bias.fill_(0.5)  # differs from what the factory builds
+    saved = tmp_path / "whole.pt"
+    torch.save(model, saved)
+    result = convserve(
+        "export",
+        "tests.nets:padding_free_2d",
+        "--input-shape",
+        "3x16x16",
+        "--name",
+        "whole",
+        "--model-repository",
+        str(repo),
+        "--weights",
+        str(saved),
+    )
+    assert result.returncode == 0, result.stderr
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(
+        str(repo / "whole" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = session.run(None, {"input": x.numpy()})[0]
+    assert abs(got - expected).max() < 1e-4  # the saved module's weights, not the factory's
+
+
+def test_export_fails_above_the_parity_tolerance(repo: Path) -> None:
+    result = convserve(
+        "export",
+        "tests.nets:padding_free_2d",
+        "--input-shape",
+        "3x16x16",
+        "--name",
+        "strict",
+        "--model-repository",
+        str(repo),
+        "--parity-tolerance",
+        "1e-30",
+    )
+    assert_clean_failure(result, r"model.onnx differs from PyTorch by .* \(tolerance 1e-30\)")
