@@ -13,7 +13,7 @@ Contract:
   compute. An error in a batch reaches every request in it; the next batch runs normally.
 * A batch runs in the thread pool, so the event loop keeps accepting while ONNX Runtime works;
   but when batches typically take less than ``inline_below_seconds`` (tiny models), the hop to a
-  thread and back (about 0.1-0.3 ms here, more under GIL contention) would cost more than the
+  thread and back (0.1-0.3 ms here, several times that under GIL contention) costs more than the
   model, so they run inline on the loop.
 """
 

@@ -71,7 +71,7 @@ class Settings:
     default_timeout_microseconds: int = _setting(0, "default per-request queue timeout (0: none)")
     instances: int = _setting(1, "default runtime instances per model")
     inline_compute_microseconds: int = _setting(
-        300,
+        1000,
         "batches that typically compute faster run on the event loop instead of the thread "
         "pool (0: always the pool)",
     )
