@@ -332,3 +332,18 @@ def query(port: int, expression: str, positive: bool) -> list:
     if positive:
         results = [r for r in results if r["value"][1] != "NaN" and float(r["value"][1]) > 0]
     return results
+
+
+def test_failed_request_log_takes_the_request_id_from_metadata(server: ServerProcess) -> None:
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        with pytest.raises(grpc.RpcError):
+            stub.Classify(
+                pb.ClassifyRequest(model="digits", images=[pb.Image(encoded=b"junk")]),
+                metadata=[("x-request-id", "trace-42")],
+            )
+    time.sleep(0.2)
+    records = [json.loads(line) for line in server.lines if '"trace-42"' in line]
+    assert records and records[-1]["status"] == "INVALID_ARGUMENT"
+    assert records[-1]["model"] == "digits" and records[-1]["api"] == "classify"
+    assert "junk" not in json.dumps(records[-1])  # the payload never reaches the log
