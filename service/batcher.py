@@ -101,11 +101,6 @@ class BatchQueue:
             for i in range(len(self._executors))
         ]
 
-    @property
-    def waiting(self) -> int:
-        """Requests in the queue."""
-        return len(self._queue)
-
     def submit(
         self, inputs: Mapping[str, np.ndarray], count: int, key: Hashable, deadline: float | None
     ) -> asyncio.Future[list[np.ndarray]]:

@@ -249,7 +249,7 @@ class Classification:
             raise InvalidArgument("pool must be mean or max, and mode dense or crops")
 
     def _plan(
-        self, model: ServedModel, geometry: DenseInfo, query: DenseQuery, size: tuple[int, ...]
+        self, geometry: DenseInfo, query: DenseQuery, size: tuple[int, ...]
     ) -> list[tuple[float, tuple[int, ...], tuple[int, ...]]]:
         """Per scale: (scale, scaled size, cell counts), all limits checked before any work."""
         copies = len(query.scales) * query.divisor ** len(geometry.stride)
@@ -300,12 +300,14 @@ class Classification:
                 f"model '{classifier.name}' has no dense geometry in its metadata"
             )
         if image.tensor is not None:
+            if query.scales != (1.0,):  # refused before any scale's work starts
+                raise InvalidArgument("scales other than 1 need an encoded image, not a tensor")
             decoded, tensor = None, self._check_tensor(classifier, image.tensor, None)
             size = tuple(tensor.shape[1:])
         else:
             decoded = await self._off_loop(self._decode, classifier, image)
             tensor, size = None, (decoded.height, decoded.width)
-        plan = self._plan(classifier, geometry, query, size)
+        plan = self._plan(geometry, query, size)
         maps = await asyncio.gather(
             *(
                 self._scale_map(
@@ -367,9 +369,7 @@ class Classification:
             assert classifier.info.preprocess is not None
             scaled = await self._off_loop(_prepare, decoded, scale, classifier.info)
         else:
-            assert tensor is not None
-            if scale != 1.0:
-                raise InvalidArgument("scales other than 1 need an encoded image, not a tensor")
+            assert tensor is not None and scale == 1.0  # checked in classify_dense
             scaled = tensor
         if twin is not None:
             copies = (

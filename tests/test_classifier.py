@@ -474,3 +474,19 @@ def test_client_commands(server: ServerProcess, held_out, tmp_path: Path) -> Non
     failed = convserve("classify", str(one), "--model", "nope")
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert "error: NOT_FOUND: model 'nope' is not served" in failed.stderr
+
+
+def test_dense_tensor_input_takes_no_other_scales(stub) -> None:
+    tensor = pb.Tensor(shape=[1, 12, 12], fp32_data=np.zeros((1, 12, 12), np.float32).tobytes())
+    reply = stub.ClassifyDense(
+        pb.ClassifyDenseRequest(model="digits", image=pb.Image(tensor=tensor))
+    )
+    assert list(reply.map.shape) == [10, 3, 3]
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ClassifyDense(
+            pb.ClassifyDenseRequest(
+                model="digits", image=pb.Image(tensor=tensor), scales=[1.0, 0.5]
+            )
+        )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "scales other than 1 need an encoded image" in error.value.details()
