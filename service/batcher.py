@@ -43,8 +43,15 @@ RunBatch = Callable[[Mapping[str, np.ndarray], int], Sequence[np.ndarray]]
 class BatchObserver(Protocol):
     """Told about what the batcher does (statistics and metrics)."""
 
-    def batch_done(self, images: int, requests: int, compute_seconds: float) -> None:
-        """A batch ran (successfully or not)."""
+    def batch_done(
+        self,
+        images: int,
+        requests: int,
+        input_seconds: float,
+        compute_seconds: float,
+        output_seconds: float,
+    ) -> None:
+        """A batch ran (successfully or not): stacking its inputs, the model, splitting outputs."""
 
     def queued(self, pending: Pending, waited_seconds: float) -> None:
         """A request left the queue for a batch."""
@@ -211,6 +218,7 @@ class BatchQueue:
 
     async def _execute(self, batch: list[Pending], instance: int) -> bool:
         """Run one batch and answer its requests; True when it ran inline on the loop."""
+        stacking = time.perf_counter()
         names = list(batch[0].inputs)
         if len(batch) == 1:
             feeds = dict(batch[0].inputs)
@@ -218,6 +226,7 @@ class BatchQueue:
             feeds = {n: np.concatenate([p.inputs[n] for p in batch]) for n in names}
         total = sum(p.count for p in batch)
         inline = self._typical is not None and self._typical < self._inline_below
+        stacked = time.perf_counter() - stacking
         elapsed = 0.0
         try:
             if inline:
@@ -234,15 +243,19 @@ class BatchQueue:
                 )
         except Exception as exc:
             self._fail(batch, exc)
-            return inline
-        finally:
             if self._observer:
-                self._observer.batch_done(total, len(batch), elapsed)
+                self._observer.batch_done(total, len(batch), stacked, elapsed, 0.0)
+            return inline
+        splitting = time.perf_counter()
         offset = 0
         for pending in batch:
             if not pending.future.done():
                 pending.future.set_result([o[offset : offset + pending.count] for o in outputs])
             offset += pending.count
+        if self._observer:
+            self._observer.batch_done(
+                total, len(batch), stacked, elapsed, time.perf_counter() - splitting
+            )
         return inline
 
     def _timed(

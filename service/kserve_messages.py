@@ -100,11 +100,18 @@ def model_statistics(models: list[ServedModel]) -> pb.ModelStatisticsResponse:
                 success=_duration(stats.success),
                 fail=_duration(stats.fail),
                 queue=_duration(stats.queue),
+                compute_input=_duration(stats.compute_input),
                 compute_infer=_duration(stats.compute_infer),
+                compute_output=_duration(stats.compute_output),
             ),
         )
-        for size, duration in sorted(stats.batches.items()):
-            entry.batch_stats.add(batch_size=size, compute_infer=_duration(duration))
+        for size, batch in sorted(stats.batches.items()):
+            entry.batch_stats.add(
+                batch_size=size,
+                compute_input=_duration(batch.compute_input),
+                compute_infer=_duration(batch.compute_infer),
+                compute_output=_duration(batch.compute_output),
+            )
     return response
 
 

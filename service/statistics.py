@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from . import metrics
 from .batcher import Pending
 
-__all__ = ["Duration", "ModelStats"]
+__all__ = ["BatchDurations", "Duration", "ModelStats"]
 
 
 @dataclass
@@ -30,6 +30,15 @@ class Duration:
 
 
 @dataclass
+class BatchDurations:
+    """Triton's InferBatchStatistics for one batch size: counts are executions."""
+
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass
 class ModelStats:
     """Statistics of one served model version (see the module docstring)."""
 
@@ -38,11 +47,13 @@ class ModelStats:
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
-    batches: dict[int, Duration] = field(default_factory=lambda: defaultdict(Duration))
+    batches: dict[int, BatchDurations] = field(default_factory=lambda: defaultdict(BatchDurations))
 
     def __post_init__(self) -> None:
         self._queue_seconds = metrics.QUEUE_DURATION.labels(self.model)
@@ -53,13 +64,29 @@ class ModelStats:
         self._depth = metrics.QUEUE_DEPTH.labels(self.model)
 
     # -- BatchObserver ---------------------------------------------------------------------------
-    def batch_done(self, images: int, requests: int, compute_seconds: float) -> None:
-        """A batch of ``images`` from ``requests`` requests ran."""
+    def batch_done(
+        self,
+        images: int,
+        requests: int,
+        input_seconds: float,
+        compute_seconds: float,
+        output_seconds: float,
+    ) -> None:
+        """A batch of ``images`` from ``requests`` requests ran.
+
+        As in Triton, the request-level compute figures count requests (each request of a batch
+        is charged the batch's time), and the per-batch-size figures count executions.
+        """
         self.inference_count += images
         self.execution_count += 1
         self.last_inference_ms = int(time.time() * 1000)
-        self.compute_infer.add(compute_seconds, requests)
-        self.batches[images].add(compute_seconds)
+        self.compute_input.add(input_seconds * requests, requests)
+        self.compute_infer.add(compute_seconds * requests, requests)
+        self.compute_output.add(output_seconds * requests, requests)
+        batch = self.batches[images]
+        batch.compute_input.add(input_seconds)
+        batch.compute_infer.add(compute_seconds)
+        batch.compute_output.add(output_seconds)
         self._compute_seconds.observe(compute_seconds)
         self._batch_size.observe(images)
         self._inferences.inc(images)

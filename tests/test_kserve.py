@@ -192,6 +192,14 @@ def test_statistics_count_requests(client) -> None:
     after = client.get_inference_statistics("digits_dense").model_stats[0]
     assert after.inference_stats.success.count == before.inference_stats.success.count + 3
     assert after.inference_count == before.inference_count + 3
+    # Triton's perf_analyzer refuses statistics whose three compute counts differ.
+    stats = after.inference_stats
+    assert stats.compute_input.count == stats.compute_infer.count == stats.compute_output.count
+    assert stats.compute_infer.count == before.inference_stats.compute_infer.count + 3
+    assert stats.compute_infer.ns > before.inference_stats.compute_infer.ns
+    for batch in after.batch_stats:
+        assert batch.compute_input.count == batch.compute_infer.count > 0
+        assert batch.compute_output.count == batch.compute_infer.count
     everything = client.get_inference_statistics("")
     assert {s.name for s in everything.model_stats} >= {"digits", "digits_dense", "slow"}
 
