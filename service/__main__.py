@@ -44,12 +44,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .logs import configure_logging
     from .server import run_server
+    from .workers import supervise, worker_role
 
     try:
         chosen = settings.from_arguments(args)
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
     configure_logging(chosen.log_format, chosen.log_level)
+    if chosen.workers > 1 and worker_role() is None:
+        return supervise(chosen)
     return asyncio.run(run_server(chosen))
 
 

@@ -10,6 +10,7 @@ import grpc
 
 __all__ = [
     "DeadlineExceeded",
+    "FailedPrecondition",
     "InvalidArgument",
     "ModelLoadFailed",
     "ModelNotFound",
@@ -61,6 +62,12 @@ class Unavailable(ServingError):
     """The server is draining, or the model version is being replaced; retry elsewhere."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class FailedPrecondition(ServingError):
+    """The server's state does not allow the operation (the message says how to get there)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class ModelLoadFailed(ServingError):

@@ -17,7 +17,7 @@ from . import __version__
 from ._generated.inference import grpc_service_pb2 as pb
 from ._generated.inference import grpc_service_pb2_grpc as pb_grpc
 from .codec import decode_request, encode_response
-from .errors import InvalidArgument, ModelNotFound, ServingError
+from .errors import FailedPrecondition, InvalidArgument, ModelNotFound, ServingError
 from .inference import DataPlane, Outcome
 from .kserve_messages import model_config, model_metadata, model_statistics, repository_index
 from .rpc import deadline_of, inference_rpc, rpc
@@ -39,10 +39,13 @@ EXTENSIONS = [
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     """See the module docstring."""
 
-    def __init__(self, plane: DataPlane, max_elements: int) -> None:
+    def __init__(
+        self, plane: DataPlane, max_elements: int, repository_control: bool = True
+    ) -> None:
         self._plane = plane
         self._repository = plane.repository
         self._max_elements = max_elements
+        self._repository_control = repository_control
         self.loaded = False  # set by the server once the startup load has finished
 
     async def ServerLive(
@@ -113,6 +116,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
+        self._check_repository_control("load")
         if request.parameters:
             raise InvalidArgument(
                 "load parameters (config overrides, model files) are not "
@@ -125,8 +129,17 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
+        self._check_repository_control("unload")
         await self._repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    def _check_repository_control(self, action: str) -> None:
+        if not self._repository_control:
+            raise FailedPrecondition(
+                f"model {action} is disabled: this server runs several worker processes "
+                "(--workers) and one cannot change the others' models; change the repository "
+                "and restart, or run with --workers 1"
+            )
 
     @inference_rpc("kserve")
     async def ModelInfer(

@@ -1,10 +1,11 @@
 """A gRPC load generator that runs in its own process: ``python -m service.loadgen``.
 
-Sends one pre-serialised request over and over from ``concurrency`` coroutines on one grpc.aio
-channel for a fixed time, and prints one JSON document: requests, errors, latency percentiles
-(ms), achieved rate, and the generator's own CPU seconds, since on a small machine it competes
-with the server for the same cores. Payloads are bytes on both sides, so the generator spends
-nothing on protobuf.
+Sends one pre-serialised request over and over from ``concurrency`` coroutines for a fixed time,
+spread over ``connections`` grpc.aio channels, each its own TCP connection (a server that runs
+several processes on one port balances connections, not requests), and prints one JSON document:
+requests, errors, latency percentiles (ms), achieved rate, and the generator's own CPU seconds,
+since on a small machine it competes with the server for the same cores. Payloads are bytes on
+both sides, so the generator spends nothing on protobuf.
 """
 
 from __future__ import annotations
@@ -24,21 +25,34 @@ __all__ = ["main"]
 
 
 async def _drive(
-    address: str, method: str, payload: bytes, concurrency: int, duration: float, warmup: float
+    address: str,
+    method: str,
+    payload: bytes,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    connections: int = 1,
 ) -> dict[str, object]:
     options = [
         ("grpc.max_send_message_length", 256 << 20),
         ("grpc.max_receive_message_length", 256 << 20),
+        # Without this, channels to one address share one subchannel, i.e. one connection.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
-        call = channel.unary_unary(method)
-        await call(payload, timeout=60)
+    channels = [
+        grpc.aio.insecure_channel(address, options=options)
+        for _ in range(max(1, min(connections, concurrency)))
+    ]
+    try:
+        calls = [channel.unary_unary(method) for channel in channels]
+        for call in calls:
+            await call(payload, timeout=60)
         latencies: list[float] = []
         errors: dict[str, int] = {}
         measuring = False
         stop = time.perf_counter() + warmup + duration
 
-        async def worker() -> None:
+        async def worker(call: grpc.aio.UnaryUnaryMultiCallable) -> None:
             while time.perf_counter() < stop:
                 started = time.perf_counter()
                 try:
@@ -61,8 +75,11 @@ async def _drive(
 
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         timer = asyncio.create_task(clock())
-        await asyncio.gather(timer, *(worker() for _ in range(concurrency)))
+        await asyncio.gather(timer, *(worker(calls[i % len(calls)]) for i in range(concurrency)))
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        for channel in channels:
+            await channel.close()
     elapsed = timer.result()
     values = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
@@ -87,6 +104,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--connections", type=int, default=1, help="TCP connections to spread over")
     args = parser.parse_args()
     summary = asyncio.run(
         _drive(
@@ -96,6 +114,7 @@ def main() -> int:
             args.concurrency,
             args.duration,
             args.warmup,
+            args.connections,
         )
     )
     print(json.dumps(summary))

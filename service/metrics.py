@@ -10,8 +10,16 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 __all__ = [
@@ -29,7 +37,9 @@ __all__ = [
     "REQUESTS",
     "REQUEST_DURATION",
     "UNKNOWN_MODEL",
+    "WorkerCounts",
     "gpu_memory_used",
+    "multiprocess_registry",
     "register_gpu_metrics",
     "serve_metrics",
 ]
@@ -89,8 +99,16 @@ BATCH_SIZE = Histogram(
 )
 INFERENCES = Counter("convserve_inferences_total", "Images inferred.", ["model"])
 BATCHES = Counter("convserve_batches_total", "Batches executed.", ["model"])
-QUEUE_DEPTH = Gauge("convserve_queue_depth", "Images waiting in the model's queue.", ["model"])
-INFLIGHT = Gauge("convserve_inflight_requests", "Requests inside the server.")
+# With several worker processes (--workers), each gauge says how the workers' values combine.
+QUEUE_DEPTH = Gauge(
+    "convserve_queue_depth",
+    "Images waiting in the model's queue.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+INFLIGHT = Gauge(
+    "convserve_inflight_requests", "Requests inside the server.", multiprocess_mode="livesum"
+)
 DROPPED = Counter(
     "convserve_dropped_requests_total",
     "Requests dropped before compute, by reason: deadline, cancelled, queue_full, draining.",
@@ -98,21 +116,49 @@ DROPPED = Counter(
 )
 MODEL_READY = Gauge(
     "convserve_model_ready",
-    "1 when the model version is loaded and warm.",
+    "1 when the model version is loaded and warm (in every live worker).",
     ["model", "version", "provider"],
+    multiprocess_mode="livemin",
 )
 DENSE_CELLS = Counter("convserve_dense_cells_total", "Score-map cells computed.", ["model"])
 MODEL_DEVICE_MEMORY = Gauge(
     "convserve_model_device_memory_bytes",
-    "GPU memory the model took when loaded and warmed up (NVML; absent on the CPU).",
+    "GPU memory the model took when loaded and warmed up, summed over workers (NVML; absent "
+    "on the CPU).",
     ["model"],
+    multiprocess_mode="livesum",
 )
 
 
-def serve_metrics(host: str, port: int) -> int:
+def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> int:
     """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port."""
-    server, _thread = start_http_server(port, addr=host)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
     return int(server.server_port)
+
+
+class WorkerCounts(Collector):
+    """The supervisor's own figures, read at scrape time: live workers and restarts."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.restarts = 0
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """The two families, with the values the supervisor last set."""
+        yield GaugeMetricFamily("convserve_workers", "Worker processes running.", value=self.live)
+        yield CounterMetricFamily(
+            "convserve_worker_restarts",
+            "Worker processes restarted after they exited unexpectedly.",
+            value=self.restarts,
+        )
+
+
+def multiprocess_registry(path: str, workers: WorkerCounts) -> CollectorRegistry:
+    """The supervisor's registry: every worker's metrics from ``path``, summed as declared."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    registry.register(workers)
+    return registry
 
 
 class _NvmlCollector(Collector):
@@ -140,7 +186,7 @@ class _NvmlCollector(Collector):
         yield from (utilization, used, total)
 
 
-def register_gpu_metrics() -> bool:
+def register_gpu_metrics(registry: CollectorRegistry = REGISTRY) -> bool:
     """Export the GPU gauges when NVML (nvidia-ml-py) works; otherwise they are absent."""
     try:
         import pynvml
@@ -153,7 +199,7 @@ def register_gpu_metrics() -> bool:
         return False
     global _nvml
     _nvml = pynvml
-    REGISTRY.register(_NvmlCollector(pynvml))
+    registry.register(_NvmlCollector(pynvml))
     log.info("GPU metrics on: %d device(s) through NVML", pynvml.nvmlDeviceGetCount())
     return True
 

@@ -31,17 +31,19 @@ from .metrics import register_gpu_metrics, serve_metrics
 from .repository import ModelRepository
 from .runtime import DeviceChoice, available_cores
 from .settings import Settings
+from .workers import WorkerRole, worker_role
 
 __all__ = ["run_server"]
 
 log = logging.getLogger(__name__)
 
 
-def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
+def _grpc_options(settings: Settings, role: WorkerRole | None) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Shared only among the workers of one supervisor; a lone server must own its port.
+        ("grpc.so_reuseport", 1 if role else 0),
     ]
     if settings.max_connection_age:
         # GOAWAY after this age; in-flight calls get the drain grace to finish.
@@ -50,6 +52,14 @@ def _grpc_options(settings: Settings) -> list[tuple[str, int]]:
             ("grpc.max_connection_age_grace_ms", int(settings.drain_grace_seconds * 1000)),
         ]
     return options
+
+
+async def _watch_supervisor(role: WorkerRole, stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (SIGKILL, OOM) drains and exits instead of lingering."""
+    while not role.orphaned():
+        await asyncio.sleep(1.0)
+    log.error("worker %d: the supervisor is gone; draining", role.index)
+    stop.set()
 
 
 async def run_server(settings: Settings) -> int:
@@ -65,9 +75,14 @@ async def run_server(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    role = worker_role()
+    watcher: asyncio.Task[None] | None = None
     register_gpu_metrics()
-    metrics_port = serve_metrics(settings.host, settings.metrics_port)
-    log.info("metrics listening on %s:%d", settings.host, metrics_port)
+    if role is None:
+        metrics_port = serve_metrics(settings.host, settings.metrics_port)
+        log.info("metrics listening on %s:%d", settings.host, metrics_port)
+    else:  # the supervisor serves every worker's metrics
+        watcher = loop.create_task(_watch_supervisor(role, stop), name="watch-supervisor")
 
     executor = ThreadPoolExecutor(
         max_workers=max(4, available_cores() * 2), thread_name_prefix="inference"
@@ -78,13 +93,15 @@ async def run_server(settings: Settings) -> int:
         settings.model_repository, settings, device, executor, health.model
     )
     plane = DataPlane(repository)
-    kserve = KServeServicer(plane, settings.max_tensor_elements)
+    kserve = KServeServicer(
+        plane, settings.max_tensor_elements, repository_control=settings.workers == 1
+    )
     decoders = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="decode")
     classifier = ClassifierServicer(
         Classification(plane, settings, decoders), settings.max_tensor_elements
     )
 
-    server = grpc.aio.server(options=_grpc_options(settings))
+    server = grpc.aio.server(options=_grpc_options(settings, role))
     kserve_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
         kserve, server
     )
@@ -118,11 +135,16 @@ async def run_server(settings: Settings) -> int:
         return 1
     kserve.loaded = True
     await health.started()
-    log.info(
-        "ready: serving %s", ", ".join(sorted({m.name for m in repository.served()})) or "no models"
-    )
+    names = ", ".join(sorted({m.name for m in repository.served()})) or "no models"
+    if role is None:
+        log.info("ready: serving %s", names)
+    else:
+        log.info("worker %d is ready with %s", role.index, names)
+        role.mark_ready()
 
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     log.info("draining: finishing in-flight requests (grace %.1f s)", settings.drain_grace_seconds)
     plane.draining = True
     await health.draining()

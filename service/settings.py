@@ -75,7 +75,15 @@ class Settings:
         "batches that typically compute faster run on the event loop instead of the thread "
         "pool (0: always the pool)",
     )
-    cpu_threads: int = _setting(0, "ONNX Runtime threads per CPU instance (0: cores / instances)")
+    cpu_threads: int = _setting(
+        0, "ONNX Runtime threads per CPU instance (0: cores / (instances x workers))"
+    )
+    workers: int = _setting(
+        1,
+        "server processes sharing the gRPC port (SO_REUSEPORT; connections are spread over "
+        "them), each with its own copy of every model; metrics are aggregated; model load and "
+        "unload over gRPC are refused when above 1",
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -96,6 +104,7 @@ class Settings:
             "instances": self.instances >= 1,
             "cpu_threads": self.cpu_threads >= 0,
             "inline_compute_microseconds": self.inline_compute_microseconds >= 0,
+            "workers": 1 <= self.workers <= 256,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -105,6 +114,15 @@ class Settings:
             or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         ):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def environment(self) -> dict[str, str]:
+        """Every setting as its environment variable, so a child process rebuilds the same."""
+        variables = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            variables[_env_name(spec.name)] = text
+        return variables
 
 
 def _env_name(name: str) -> str:

@@ -1,0 +1,160 @@
+"""``convserve serve --workers N``: several real server processes on one port, one supervisor."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as triton
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from service import BUNDLED_REPOSITORY
+from service.server_process import ServerProcess
+
+MODEL = BUNDLED_REPOSITORY / "digits" / "1" / "model.onnx"
+CONNECTIONS = 16
+
+
+def own_connection(address: str) -> triton.InferenceServerClient:
+    """A client on its own TCP connection (gRPC otherwise shares one per address)."""
+    return triton.InferenceServerClient(
+        address, channel_args=[("grpc.use_local_subchannel_pool", 1)]
+    )
+
+
+def digits_input(x: np.ndarray) -> triton.InferInput:
+    tensor = triton.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return tensor
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Every sample as 'name{labels}' -> value (labels sorted), summed over nothing."""
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def worker_pids(server: ServerProcess) -> dict[int, int]:
+    """Worker index -> pid of its latest start, from the supervisor's log."""
+    return {
+        int(index): int(pid)
+        for index, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", server.log())
+    }
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def workers() -> Iterator[ServerProcess]:
+    server = ServerProcess(BUNDLED_REPOSITORY, "--workers", "2").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_requests_spread_over_workers_and_metrics_add_up(workers: ServerProcess) -> None:
+    assert len(worker_pids(workers)) == 2
+    session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    before = scrape(workers.metrics_url)
+    ok = "convserve_requests_total{api=kserve,code=OK,model=digits,version=1}"
+    clients = [own_connection(workers.grpc_address) for _ in range(CONNECTIONS)]
+    sent = 0
+    for i, client in enumerate(clients):
+        for _ in range(i + 1):  # a different count per connection, to tell the workers apart
+            x = rng.standard_normal((1, 1, 8, 8)).astype(np.float32)
+            got = client.infer("digits", [digits_input(x)]).as_numpy("logits")
+            np.testing.assert_allclose(got, session.run(None, {"input": x})[0], atol=1e-5)
+            sent += 1
+    # Each connection's statistics are those of the worker that holds it: if both workers
+    # served, the counts seen are two partial totals; if one served all, every count is `sent`.
+    counts = {
+        int(c.get_inference_statistics("digits").model_stats[0].inference_count) for c in clients
+    }
+    for client in clients:
+        client.close()
+    assert max(counts) < sent, f"one worker took all {CONNECTIONS} connections"
+    assert sum(counts) == sent or (len(counts) == 1 and 2 * counts.pop() == sent)
+    after = scrape(workers.metrics_url)
+    assert after[ok] - before.get(ok, 0.0) == sent  # summed over both workers' files
+    assert after["convserve_workers{}"] == 2
+    assert after["convserve_model_ready{model=digits,provider=CPUExecutionProvider,version=1}"] == 1
+    assert after["convserve_inflight_requests{}"] == 0
+
+
+def test_model_control_is_refused_with_a_reason(workers: ServerProcess) -> None:
+    client = own_connection(workers.grpc_address)
+    for call in (client.load_model, client.unload_model):
+        with pytest.raises(InferenceServerException) as error:
+            call("digits")
+        assert error.value.status() == "StatusCode.FAILED_PRECONDITION"
+        assert "--workers" in error.value.message()
+    assert client.is_model_ready("digits")  # the refusal changed nothing
+    client.close()
+
+
+def test_a_dead_worker_is_replaced_and_service_goes_on(workers: ServerProcess) -> None:
+    pid = worker_pids(workers)[0]
+    os.kill(pid, signal.SIGKILL)
+    restarting = "worker 0 exited with code -9; restarting it"
+    deadline = time.monotonic() + 60
+    while (
+        restarting not in workers.log()
+        or "worker 0 is ready" not in workers.log().split(restarting)[-1]
+    ):
+        assert time.monotonic() < deadline, workers.log()
+        time.sleep(0.2)
+    assert worker_pids(workers)[0] != pid and not alive(pid)
+    samples = scrape(workers.metrics_url)
+    assert samples["convserve_worker_restarts_total{}"] == 1
+    assert samples["convserve_workers{}"] == 2
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    for _ in range(CONNECTIONS):  # new connections reach both workers, the new one included
+        client = own_connection(workers.grpc_address)
+        assert client.infer("digits", [digits_input(x)]).as_numpy("logits").shape == (1, 10)
+        client.close()
+
+
+def test_sigterm_drains_every_worker_and_exits_zero() -> None:
+    server = ServerProcess(BUNDLED_REPOSITORY, "--workers", "2").start()
+    pids = list(worker_pids(server).values())
+    assert len(pids) == 2 and all(alive(p) for p in pids)
+    server.signal(signal.SIGTERM)
+    assert server.wait(60) == 0
+    assert not any(alive(p) for p in pids)
+    assert server.log().count("draining: finishing in-flight requests") == 2
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None:
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not onnx at all")
+    command = [sys.executable, "-m", "service", "serve", "--workers", "2"]
+    command += ["--model-repository", str(tmp_path), "--grpc-port", "0", "--metrics-port", "0"]
+    command += ["--host", "127.0.0.1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1, result.stderr
+    assert "model 'broken' failed to load: " in result.stderr
+    assert "before it was ready; stopping" in result.stderr
+    assert "Traceback" not in result.stderr
