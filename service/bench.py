@@ -168,6 +168,7 @@ def served_benchmark(
     payload: bytes,
     concurrency: int,
     seconds: float,
+    connections: int = 1,
 ) -> ServedRow:
     """One load step through :mod:`service.loadgen` in its own process."""
     with tempfile.NamedTemporaryFile(suffix=".bin") as handle:
@@ -191,6 +192,8 @@ def served_benchmark(
                 str(seconds),
                 "--warmup",
                 str(min(1.0, seconds / 4)),
+                "--connections",
+                str(connections),
             ],
             capture_output=True,
             text=True,
@@ -320,7 +323,10 @@ def _plot(results: dict[str, Any], target: Path) -> bool:
 
 
 def _print_report(results: dict[str, Any]) -> None:
-    print(f"model {results['model']} on {results['device']}")
+    print(
+        f"model {results['model']} on {results['device']}, {results['workers']} server "
+        f"worker(s), load over {results['connections']} connection(s)"
+    )
     for row in results["raw"]:
         print(
             f"  raw batch {row['batch']:>4}: {row['images_per_second']:10.1f} images/s, "
@@ -396,12 +402,18 @@ def run(args: argparse.Namespace) -> int:
     server_args = [
         "--device",
         args.device,
+        "--workers",
+        str(args.workers),
         *(["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else []),
     ]
+    # Several workers share the port by connection, so the load needs several connections.
+    connections = args.connections or (1 if args.workers == 1 else 8 * args.workers)
     runtime = Runtime(path, DeviceChoice(args.device), 1, args.cpu_threads, False)
     results: dict[str, Any] = {
         "model": args.model,
         "device": runtime.provider,
+        "workers": args.workers,
+        "connections": connections,
         "raw": [],
         "served": [],
         "ratios": [],
@@ -430,6 +442,7 @@ def run(args: argparse.Namespace) -> int:
                             payload,
                             level,
                             seconds,
+                            connections,
                         )
                     )
             if args.dense:
@@ -450,6 +463,7 @@ def run(args: argparse.Namespace) -> int:
                     payload,
                     max(concurrency),
                     seconds,
+                    connections,
                 )
             results["batching_off"] = [asdict(row)]
             batched = next(
@@ -490,6 +504,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         type=int,
         default=0,
         help="ONNX Runtime threads, the same for raw and served (0: the server's)",
+    )
+    bench.add_argument(
+        "--workers", type=int, default=1, help="server processes to start (serve --workers)"
+    )
+    bench.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="TCP connections the load is spread over (0: 1, or 8 per worker with several)",
     )
     bench.add_argument("--raw", action="store_true", help="only the in-process limit")
     bench.add_argument("--dense", action="store_true", help="also ClassifyDense vs crops")

@@ -11,7 +11,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from . import metrics
-from .batcher import Pending
 
 __all__ = ["BatchDurations", "Duration", "ModelStats"]
 
@@ -92,7 +91,7 @@ class ModelStats:
         self._inferences.inc(images)
         self._batches.inc()
 
-    def queued(self, pending: Pending, waited_seconds: float) -> None:
+    def queued(self, waited_seconds: float) -> None:
         """A request left the queue after ``waited_seconds``."""
         self.queue.add(waited_seconds)
         self._queue_seconds.observe(waited_seconds)
