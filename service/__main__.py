@@ -50,8 +50,9 @@ def _serve(args: argparse.Namespace) -> int:
         chosen = settings.from_arguments(args)
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
-    configure_logging(chosen.log_format, chosen.log_level)
-    if chosen.workers > 1 and worker_role() is None:
+    role = worker_role()
+    configure_logging(chosen.log_format, chosen.log_level, None if role is None else role.index)
+    if chosen.workers > 1 and role is None:
         return supervise(chosen)
     return asyncio.run(run_server(chosen))
 

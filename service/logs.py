@@ -14,13 +14,19 @@ _CONTEXT = ("model", "request_id", "api", "status", "duration_seconds")
 
 
 class _JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None) -> None:
+        super().__init__()
+        self._worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._worker is not None:
+            entry["worker"] = self._worker
         for key in _CONTEXT:
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
@@ -29,13 +35,19 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(log_format: str, level: str) -> None:
-    """Send every log line to stderr in ``log_format`` ("text" or "json")."""
+def configure_logging(log_format: str, level: str, worker: int | None = None) -> None:
+    """Send every log line to stderr in ``log_format`` ("text" or "json").
+
+    A worker process of ``serve --workers`` marks its lines with its index.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
-        handler.setFormatter(_JsonFormatter())
+        handler.setFormatter(_JsonFormatter(worker))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        tag = "" if worker is None else f"worker-{worker} "
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

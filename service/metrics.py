@@ -37,6 +37,7 @@ __all__ = [
     "REQUESTS",
     "REQUEST_DURATION",
     "UNKNOWN_MODEL",
+    "WORKER_METRICS",
     "WorkerCounts",
     "gpu_memory_used",
     "multiprocess_registry",
@@ -53,6 +54,8 @@ GPU_METRICS = (
     "convserve_gpu_memory_total_bytes",
 )
 """Exported only where NVML works (absent, not zero, without a GPU)."""
+WORKER_METRICS = ("convserve_workers", "convserve_worker_restarts_total")
+"""Exported only by the supervisor of ``serve --workers N`` (N > 1)."""
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -145,9 +148,9 @@ class WorkerCounts(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         """The two families, with the values the supervisor last set."""
-        yield GaugeMetricFamily("convserve_workers", "Worker processes running.", value=self.live)
+        yield GaugeMetricFamily(WORKER_METRICS[0], "Worker processes running.", value=self.live)
         yield CounterMetricFamily(
-            "convserve_worker_restarts",
+            WORKER_METRICS[1].removesuffix("_total"),
             "Worker processes restarted after they exited unexpectedly.",
             value=self.restarts,
         )

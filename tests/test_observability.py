@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from service import BUNDLED_REPOSITORY
 from service._generated.convserve.v1 import classifier_pb2 as pb
 from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
-from service.metrics import GPU_METRICS
+from service.metrics import GPU_METRICS, WORKER_METRICS
 from service.server_process import ServerProcess
 from tests import onnx_models
 
@@ -245,7 +245,7 @@ def test_dashboard_queries_parse_and_name_exported_metrics(
     exported = {
         re.sub(r"_(bucket|sum|count|created)$", "", name)
         for name, _labels in scrape(server.metrics_url)
-    } | set(GPU_METRICS)
+    } | set(GPU_METRICS + WORKER_METRICS)
     exported |= {name + "_total" for name in exported}
     named = set().union(*(metric_names(e) for e in expressions), metric_names(ALERTS.read_text()))
     assert named and named <= exported, sorted(named - exported)

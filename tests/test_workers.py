@@ -100,6 +100,7 @@ def test_requests_spread_over_workers_and_metrics_add_up(workers: ServerProcess)
     after = scrape(workers.metrics_url)
     assert after[ok] - before.get(ok, 0.0) == sent  # summed over both workers' files
     assert after["convserve_workers{}"] == 2
+    assert {"convserve_workers{}", "convserve_worker_restarts_total{}"} <= set(after)
     assert after["convserve_model_ready{model=digits,provider=CPUExecutionProvider,version=1}"] == 1
     assert after["convserve_inflight_requests{}"] == 0
 
@@ -145,6 +146,8 @@ def test_sigterm_drains_every_worker_and_exits_zero() -> None:
     assert server.wait(60) == 0
     assert not any(alive(p) for p in pids)
     assert server.log().count("draining: finishing in-flight requests") == 2
+    for index in (0, 1):  # every worker's lines say which worker wrote them
+        assert f"INFO worker-{index} service.server: draining" in server.log()
 
 
 def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None:
