@@ -55,6 +55,58 @@ async def test_lone_request_pays_no_window(executor) -> None:
     await queue.close()
 
 
+class Counting:
+    """An observer that counts queue waits and batches."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+        self.batches: list[tuple[int, int]] = []
+
+    def batch_done(self, images, requests, input_s, compute_s, output_s) -> None:  # type: ignore[no-untyped-def]
+        self.batches.append((images, requests))
+
+    def queued(self, waited_seconds: float) -> None:
+        self.waits.append(waited_seconds)
+
+    def dropped(self, reason: str) -> None:
+        pass
+
+    def depth(self, images: int) -> None:
+        pass
+
+
+async def test_tiny_models_run_a_lone_request_at_once_inside_submit(executor) -> None:
+    run, seen = Recorder(), Counting()
+    queue = BatchQueue(run, [executor], max_batch_size=8, observer=seen, inline_below_seconds=1.0)
+    first = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
+    assert not first.done()  # nothing is known of the model yet: the worker runs it
+    await first
+    second = queue.submit({"x": rows(1, 5)}, 1, (3,), None)
+    assert second.done()  # typical compute is tiny: answered before submit returned
+    np.testing.assert_array_equal(second.result()[0], rows(1, 5) * 2 + 1)
+    assert seen.waits[-1] == 0.0 and seen.batches == [(1, 1), (1, 1)]
+    expired = queue.submit({"x": rows(1, 0)}, 1, (3,), time.monotonic() - 1)
+    assert isinstance(expired.exception(), DeadlineExceeded) and run.sizes == [1, 1]
+    await queue.close()
+
+
+async def test_a_configured_window_still_gathers_tiny_requests(executor) -> None:
+    run = Recorder()
+    queue = BatchQueue(
+        run,
+        [executor],
+        max_batch_size=8,
+        max_queue_delay_microseconds=50_000,
+        inline_below_seconds=1.0,
+    )
+    await queue.submit({"x": rows(1, 0)}, 1, (3,), None)
+    pair = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in (1, 2)]
+    assert not any(f.done() for f in pair)  # they wait for the window, not run one by one
+    await asyncio.gather(*pair)
+    assert run.sizes == [1, 2]
+    await queue.close()
+
+
 async def test_requests_queued_while_busy_share_the_next_batch(executor) -> None:
     run = Recorder()
     run.gate.clear()
