@@ -6,9 +6,8 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -16,7 +15,7 @@ from . import metrics
 from .errors import ServingError
 from .inference import Outcome
 
-__all__ = ["deadline_of", "guarded", "inference_rpc", "rpc"]
+__all__ = ["deadline_of", "inference_rpc", "rpc"]
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +26,14 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-@asynccontextmanager
-async def guarded(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     """Abort with a ServingError's code and message; anything else is a logged INTERNAL."""
-    try:
-        yield
-    except ServingError as exc:
+    if isinstance(exc, ServingError):
         await context.abort(exc.code, exc.message)
-    except (asyncio.CancelledError, grpc.aio.AbortError):
-        raise
-    except Exception:
-        log.exception("unexpected error while handling a request")
+    else:
+        log.exception("unexpected error while handling a request", exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
+    raise AssertionError("unreachable: abort() raises")
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
@@ -48,25 +43,25 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
-_REQUEST_COUNTERS: dict[tuple[str, str, str, str], Any] = {}
-_REQUEST_HISTOGRAMS: dict[tuple[str, str], Any] = {}
+_CHILDREN: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, looked up once per label set.
+
+    labels() takes a lock and builds a key on every call: a few microseconds a request.
+    """
+    child = _CHILDREN.get((metric, labels))
+    if child is None:
+        child = _CHILDREN[(metric, labels)] = metric.labels(*labels)
+    return child
 
 
 def _record(outcome: Outcome, api: str, code: str, reason: str, elapsed: float) -> None:
     """Count a finished request by model, version, API and status, and log a failure."""
     metrics.INFLIGHT.dec()
-    # Label children are looked up once per label set: labels() takes a lock and builds a key
-    # on every call, which showed up at a few microseconds a request in the profile.
-    key = (outcome.model, outcome.version, api, code)
-    counter = _REQUEST_COUNTERS.get(key)
-    if counter is None:
-        counter = _REQUEST_COUNTERS[key] = metrics.REQUESTS.labels(*key)
-    counter.inc()
-    histogram = _REQUEST_HISTOGRAMS.get((outcome.model, api))
-    if histogram is None:
-        histogram = metrics.REQUEST_DURATION.labels(outcome.model, api)
-        _REQUEST_HISTOGRAMS[(outcome.model, api)] = histogram
-    histogram.observe(elapsed)
+    _child(metrics.REQUESTS, outcome.model, outcome.version, api, code).inc()
+    _child(metrics.REQUEST_DURATION, outcome.model, api).observe(elapsed)
     if code != "OK":  # never the tensors or image bytes: only what identifies the request
         log.warning(
             "%s request to %s failed with %s after %.1f ms: %s",
@@ -92,13 +87,16 @@ Handler = Callable[[Servicer, Request, grpc.aio.ServicerContext], Awaitable[Repl
 
 
 def rpc(method: Handler[Servicer, Request, Reply]) -> Handler[Servicer, Request, Reply]:
-    """Decorate a unary RPC: domain errors become statuses (see :func:`guarded`)."""
+    """Decorate a unary RPC: domain errors become statuses (see :func:`_abort`)."""
 
     @functools.wraps(method)
     async def wrapper(self: Servicer, request: Request, context: grpc.aio.ServicerContext) -> Reply:
-        async with guarded(context):
+        try:
             return await method(self, request, context)
-        raise AssertionError("unreachable: guarded() aborted the call")
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
 
     return wrapper
 
@@ -131,7 +129,7 @@ def inference_rpc(
                 return await method(self, request, context, outcome)
             except ServingError as exc:
                 code, reason = exc.code.name, exc.message
-                await context.abort(exc.code, exc.message)
+                await _abort(context, exc)
             except asyncio.CancelledError:
                 code, reason = "CANCELLED", "the client went away"
                 raise
@@ -140,15 +138,11 @@ def inference_rpc(
                 code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
                 reason = "aborted by the handler"
                 raise
-            except Exception:
+            except Exception as exc:
                 code, reason = "INTERNAL", "unexpected error (traceback logged)"
-                log.exception("unexpected error while handling a request")
-                await context.abort(
-                    grpc.StatusCode.INTERNAL, "internal error (logged by the server)"
-                )
+                await _abort(context, exc)
             finally:
                 _record(outcome, api, code, reason, time.perf_counter() - started)
-            raise AssertionError("unreachable: the call was aborted")
 
         return wrapper
 
