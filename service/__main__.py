@@ -54,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(chosen.log_format, chosen.log_level, None if role is None else role.index)
     if chosen.workers > 1 and role is None:
         return supervise(chosen)
-    return asyncio.run(run_server(chosen))
+    return asyncio.run(run_server(chosen, role))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

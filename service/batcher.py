@@ -245,7 +245,7 @@ class BatchQueue:
                 self._executors[instance], self._timed, feeds, instance
             )
         except Exception as exc:
-            self._failed(batch, exc, stacked, elapsed)
+            self._failed(batch, total, exc, stacked, elapsed)
             return False
         finally:
             self._busy.discard(instance)
@@ -259,7 +259,7 @@ class BatchQueue:
         try:
             outputs, elapsed = self._timed(feeds, instance)
         except Exception as exc:
-            self._failed(batch, exc, stacked, elapsed)
+            self._failed(batch, total, exc, stacked, elapsed)
             return
         self._answer(batch, total, outputs, stacked, elapsed)
 
@@ -273,10 +273,12 @@ class BatchQueue:
             feeds = {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
         return feeds, sum(p.count for p in batch), time.perf_counter() - stacking
 
-    def _failed(self, batch: list[Pending], exc: Exception, stacked: float, elapsed: float) -> None:
+    def _failed(
+        self, batch: list[Pending], total: int, exc: Exception, stacked: float, elapsed: float
+    ) -> None:
         self._fail(batch, exc)
         if self._observer:
-            self._observer.batch_done(sum(p.count for p in batch), len(batch), stacked, elapsed, 0)
+            self._observer.batch_done(total, len(batch), stacked, elapsed, 0)
 
     def _answer(
         self,
@@ -290,7 +292,7 @@ class BatchQueue:
         wrong = [o.shape for o in outputs if o.ndim == 0 or o.shape[0] != total]
         if wrong:
             error = ServingError(f"the model returned {list(wrong[0])} rows for a batch of {total}")
-            self._failed(batch, error, stacked, elapsed)
+            self._failed(batch, total, error, stacked, elapsed)
             return
         splitting = time.perf_counter()
         offset = 0

@@ -31,7 +31,7 @@ from .metrics import register_gpu_metrics, serve_metrics
 from .repository import ModelRepository
 from .runtime import DeviceChoice, available_cores
 from .settings import Settings
-from .workers import WorkerRole, worker_role
+from .workers import WorkerRole
 
 __all__ = ["run_server"]
 
@@ -62,8 +62,11 @@ async def _watch_supervisor(role: WorkerRole, stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def run_server(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT; returns the process exit code."""
+async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit code.
+
+    ``role`` is set when a ``--workers`` supervisor started this process.
+    """
     if not settings.model_repository.is_dir():
         log.error("model repository %s does not exist", settings.model_repository)
         return 2
@@ -75,7 +78,6 @@ async def run_server(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    role = worker_role()
     watcher: asyncio.Task[None] | None = None
     register_gpu_metrics()
     if role is None:

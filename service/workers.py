@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -83,7 +83,6 @@ class _Worker:
     index: int
     process: subprocess.Popen[bytes]
     ready_file: Path
-    started: float = field(default_factory=time.monotonic)
 
     @property
     def ready(self) -> bool:
