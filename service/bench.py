@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from . import BUNDLED_REPOSITORY
 from .model_info import read_model_info
 from .runtime import DeviceChoice, Runtime
 from .server_process import ServerProcess
+from .settings import Settings
 
 __all__ = ["add_commands", "dense_comparison", "raw_benchmark", "served_benchmark"]
 
@@ -43,6 +45,7 @@ class RawRow:
     batch: int
     images_per_second: float
     ms_per_batch: float
+    threads: int
 
 
 @dataclass(frozen=True)
@@ -60,21 +63,32 @@ class ServedRow:
     errors: int
     compute_ms_per_batch: float
     queue_ms: float
+    server_cpu_ms_per_request: float
 
 
 def raw_benchmark(
     path: Path, device: str, batch_sizes: list[int], seconds: float, cpu_threads: int
 ) -> list[RawRow]:
-    """Images/s and time per batch of the model run in-process, as the server would run it."""
+    """Images/s and time per batch of the model run in-process, as the server would run it.
+
+    With the server's default threads, a tiny model gets the server's choice between them and
+    one thread (:meth:`Runtime.single_thread_if_faster`).
+    """
     runtime = Runtime(path, DeviceChoice(device), 1, cpu_threads, dynamic_shapes=False)
     spec = runtime.inputs[0]
-    rows = []
-    for batch in batch_sizes:
-        feeds = {
+    samples = [
+        {
             spec.name: np.random.default_rng(0)
             .standard_normal((batch, *spec.shape[1:]))
             .astype(spec.dtype)
         }
+        for batch in batch_sizes
+    ]
+    runtime.warm_up(samples)
+    if not cpu_threads:
+        runtime.single_thread_if_faster(samples, Settings.inline_compute_microseconds / 1e6)
+    rows = []
+    for batch, feeds in zip(batch_sizes, samples, strict=True):
         for _ in range(3):
             runtime.run(feeds)
         runs, started = 0, time.perf_counter()
@@ -82,7 +96,8 @@ def raw_benchmark(
             runtime.run(feeds)
             runs += 1
         elapsed = time.perf_counter() - started
-        rows.append(RawRow(batch, runs * batch / elapsed, elapsed / runs * 1000))
+        rows.append(RawRow(batch, runs * batch / elapsed, elapsed / runs * 1000, runtime.threads))
+    runtime.close()
     return rows
 
 
@@ -133,15 +148,35 @@ def _with_model(payload: bytes, method: str, model: str) -> bytes:
     return bytes(classify.SerializeToString())
 
 
-_COUNTERS = (
-    "convserve_batch_size",
-    "convserve_compute_duration_seconds",
-    "convserve_queue_duration_seconds",
-)
+def _process_tree_cpu_seconds(pid: int | None) -> float | None:
+    """User plus system CPU seconds of a process and its children now (Linux /proc; else None).
+
+    Server CPU per request is steadier than throughput on a shared machine: time stolen by
+    neighbours slows the server down but is not charged to it.
+    """
+    if pid is None:
+        return None
+    stats = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = entry.read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = text.rsplit(")", 1)[-1].split()  # after the command name, which may hold spaces
+        stats[int(entry.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    if pid not in stats:
+        return None
+    tree, ticks, grew = {pid}, 0, True
+    while grew:
+        children = {child for child, (parent, _) in stats.items() if parent in tree} - tree
+        tree |= children
+        grew = bool(children)
+    ticks = sum(stats[member][1] for member in tree)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _server_counters(metrics_url: str, model: str) -> dict[str, float]:
-    """Sum and count of the server's batch-size, compute and queue histograms for ``model``."""
+    """Sum and count of every histogram of ``model`` (summed over label sets such as the API)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
@@ -149,7 +184,7 @@ def _server_counters(metrics_url: str, model: str) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.labels.get("model") == model and sample.name.endswith(("_sum", "_count")):
-                found[sample.name] = sample.value
+                found[sample.name] = found.get(sample.name, 0.0) + sample.value  # over APIs
     return found
 
 
@@ -169,12 +204,18 @@ def served_benchmark(
     concurrency: int,
     seconds: float,
     connections: int = 1,
+    server_pid: int | None = None,
 ) -> ServedRow:
-    """One load step through :mod:`service.loadgen` in its own process."""
+    """One load step through :mod:`service.loadgen` in its own process.
+
+    With ``server_pid`` (a server on this machine), also the server's CPU per request: its
+    processes' CPU time across the step over the requests its metrics counted meanwhile.
+    """
     with tempfile.NamedTemporaryFile(suffix=".bin") as handle:
         handle.write(_with_model(payload, method, model))
         handle.flush()
         before = _server_counters(metrics_url, model)
+        cpu_before = _process_tree_cpu_seconds(server_pid)
         result = subprocess.run(
             [
                 sys.executable,
@@ -200,8 +241,15 @@ def served_benchmark(
             timeout=seconds + 120,
             check=True,
         )
+        cpu_after = _process_tree_cpu_seconds(server_pid)
         after = _server_counters(metrics_url, model)
     summary = json.loads(result.stdout)
+    answered = after.get("convserve_request_duration_seconds_count", 0.0) - before.get(
+        "convserve_request_duration_seconds_count", 0.0
+    )
+    cpu_per_request = float("nan")
+    if cpu_before is not None and cpu_after is not None and answered:
+        cpu_per_request = (cpu_after - cpu_before) / answered * 1000
     return ServedRow(
         api,
         concurrency,
@@ -214,6 +262,7 @@ def served_benchmark(
         sum(summary["errors"].values()),
         _mean(before, after, "convserve_compute_duration_seconds") * 1000,
         _mean(before, after, "convserve_queue_duration_seconds") * 1000,
+        cpu_per_request,
     )
 
 
@@ -327,10 +376,18 @@ def _print_report(results: dict[str, Any]) -> None:
         f"model {results['model']} on {results['device']}, {results['workers']} server "
         f"worker(s), load over {results['connections']} connection(s)"
     )
+    after = {row["batch"]: row for row in results["raw_after"]}
     for row in results["raw"]:
+        again = after.get(row["batch"])
         print(
-            f"  raw batch {row['batch']:>4}: {row['images_per_second']:10.1f} images/s, "
-            f"{row['ms_per_batch']:8.3f} ms per batch"
+            f"  raw batch {row['batch']:>4} ({row['threads']} thread(s)): "
+            f"{row['images_per_second']:10.1f} images/s, {row['ms_per_batch']:8.3f} ms per batch"
+            + (
+                f"; after the load {again['images_per_second']:10.1f} images/s, "
+                f"{again['ms_per_batch']:8.3f} ms"
+                if again
+                else ""
+            )
         )
     for row in results["served"]:
         print(
@@ -338,7 +395,8 @@ def _print_report(results: dict[str, Any]) -> None:
             f"{row['requests_per_second']:9.1f} req/s, p50 {row['p50_ms']:7.2f} ms, "
             f"p90 {row['p90_ms']:7.2f}, p99 {row['p99_ms']:7.2f}, batch "
             f"{row['mean_batch']:5.2f} (compute {row['compute_ms_per_batch']:.2f} ms/batch, "
-            f"queue {row['queue_ms']:.2f} ms), load generator "
+            f"queue {row['queue_ms']:.2f} ms), server CPU "
+            f"{row['server_cpu_ms_per_request']:.3f} ms/request, load generator "
             f"{row['generator_cpu_share']:.0%} of a core, errors {row['errors']}"
         )
     for line in results["ratios"]:
@@ -350,7 +408,24 @@ def _print_report(results: dict[str, Any]) -> None:
         )
 
 
+def _pid(server: ServerProcess | _Remote) -> int | None:
+    if isinstance(server, ServerProcess) and server.process is not None:
+        return server.process.pid
+    return None
+
+
+def _averaged(before: RawRow, after: RawRow) -> RawRow:
+    """The raw figures measured before and after the load, averaged."""
+    return RawRow(
+        before.batch,
+        (before.images_per_second + after.images_per_second) / 2,
+        (before.ms_per_batch + after.ms_per_batch) / 2,
+        before.threads,
+    )
+
+
 def _ratios(raw: list[RawRow], served: list[ServedRow]) -> list[str]:
+    """Served against raw; ``raw`` is the average of the runs before and after the load."""
     if not raw:
         return []
     best = max(r.images_per_second for r in raw)
@@ -419,6 +494,7 @@ def run(args: argparse.Namespace) -> int:
         "ratios": [],
         "dense": [],
         "batching_off": [],
+        "raw_after": [],
     }
     raw = raw_benchmark(path, args.device, batches, seconds, args.cpu_threads)
     results["raw"] = [asdict(r) for r in raw]
@@ -443,6 +519,7 @@ def run(args: argparse.Namespace) -> int:
                             level,
                             seconds,
                             connections,
+                            _pid(server),
                         )
                     )
             if args.dense:
@@ -464,6 +541,7 @@ def run(args: argparse.Namespace) -> int:
                     max(concurrency),
                     seconds,
                     connections,
+                    _pid(unbatched),
                 )
             results["batching_off"] = [asdict(row)]
             batched = next(
@@ -471,8 +549,15 @@ def run(args: argparse.Namespace) -> int:
             )
             results["ratios"].append(
                 f"batching on/off at c={max(concurrency)}: "
-                f"{batched.requests_per_second / row.requests_per_second:.2f}x"
+                f"{batched.requests_per_second / row.requests_per_second:.2f}x throughput, "
+                f"{batched.server_cpu_ms_per_request / row.server_cpu_ms_per_request:.2f}x "
+                "server CPU per request"
             )
+        # The limit again, after the load: on a shared machine it drifts, and the ratios
+        # should not hang on one moment's luck.
+        raw_after = raw_benchmark(path, args.device, batches, seconds, args.cpu_threads)
+        results["raw_after"] = [asdict(r) for r in raw_after]
+        raw = [_averaged(a, b) for a, b in zip(raw, raw_after, strict=True)]
     results["served"] = [asdict(r) for r in served]
     results["ratios"] = _ratios(raw, served) + results["ratios"]
     args.output.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -149,6 +150,19 @@ def _specs(values: Sequence[ort.NodeArg]) -> list[TensorSpec]:
     return specs
 
 
+def _seconds_per_pass(
+    session: ort.InferenceSession, samples: Sequence[Mapping[str, np.ndarray]], passes: int
+) -> float:
+    """The best of ``passes`` timed runs of every sample."""
+    best = float("inf")
+    for _ in range(passes):
+        started = time.perf_counter()
+        for feeds in samples:
+            session.run(None, dict(feeds))
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 class Runtime:
     """One model file loaded into ``instances`` ONNX Runtime sessions.
 
@@ -164,22 +178,16 @@ class Runtime:
         cpu_threads: int,
         dynamic_shapes: bool,
     ) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
         threads = cpu_threads or max(1, available_cores() // instances)
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Spinning threads would steal the cores the gRPC event loop needs between batches.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        cuda_options = {
+        self._path, self._device = path, device
+        self._cuda_options = {
             "do_copy_in_default_stream": "1",
             "arena_extend_strategy": "kSameAsRequested" if dynamic_shapes else "kNextPowerOfTwo",
             "cudnn_conv_algo_search": "HEURISTIC" if dynamic_shapes else "EXHAUSTIVE",
             # TF32 convolutions drift ~1e-3 from fp32 on logits; serve what was exported.
             "use_tf32": "0",
         }
-        self.sessions = [device.session(path, options, cuda_options) for _ in range(instances)]
+        self.sessions = self._sessions(instances, threads)
         # One thread per instance, always the same: CUDA keeps per-thread state (streams, cuDNN
         # and cuBLAS handles) that costs tens of ms to build on a thread's first run.
         self.executors = [
@@ -196,6 +204,43 @@ class Runtime:
         self.output_names = [o.name for o in self.outputs]
         self.metadata: dict[str, str] = dict(first.get_modelmeta().custom_metadata_map)
         self.buckets: tuple[int, ...] = ()  # batch sizes to pad up to on CUDA (set by the owner)
+
+    def _sessions(self, instances: int, threads: int) -> list[ort.InferenceSession]:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Spinning threads would steal the cores the gRPC event loop needs between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return [
+            self._device.session(self._path, options, self._cuda_options) for _ in range(instances)
+        ]
+
+    def single_thread_if_faster(
+        self, samples: Sequence[Mapping[str, np.ndarray]], below_seconds: float
+    ) -> bool:
+        """Switch a tiny CPU model to one intra-op thread when that runs its samples faster.
+
+        Where a batch takes a fraction of a millisecond, waking another intra-op thread for each
+        operator costs more than it saves (the demo model: 27-44 us a batch on one thread,
+        50-69 us and 60-84 us of CPU on two), and that thread takes a core from the gRPC threads.
+        So when the (warmed-up) samples take under ``below_seconds`` each on average with the
+        threads chosen, one-thread sessions are timed on the same samples and kept if faster.
+        Call it after warm-up. True when the runtime switched.
+        """
+        budget = below_seconds * len(samples)
+        if self.on_cuda or self.threads == 1 or not samples:
+            return False
+        if _seconds_per_pass(self.sessions[0], samples, 1) > budget:
+            return False  # a real model: one pass says so, without timing it over and over
+        current = _seconds_per_pass(self.sessions[0], samples, 20)
+        single = self._sessions(len(self.sessions), 1)
+        _seconds_per_pass(single[0], samples, 1)  # its own warm-up
+        if current > budget or _seconds_per_pass(single[0], samples, 20) >= current:
+            return False
+        self.sessions, self.threads = single, 1
+        return True
 
     def run(self, feeds: Mapping[str, np.ndarray], instance: int = 0) -> list[np.ndarray]:
         """Run one batch on one instance; returns every output, in the model's order."""

@@ -76,7 +76,9 @@ class Settings:
         "pool (0: always the pool)",
     )
     cpu_threads: int = _setting(
-        0, "ONNX Runtime threads per CPU instance (0: cores / (instances x workers))"
+        0,
+        "ONNX Runtime threads per CPU instance (0: cores / (instances x workers), or 1 for a "
+        "model under --inline-compute-microseconds that runs faster on one)",
     )
     workers: int = _setting(
         1,

@@ -29,6 +29,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "bench.json").read_text())
     assert [r["batch"] for r in results["raw"]] == [1, 8]
+    assert [r["batch"] for r in results["raw_after"]] == [1, 8]  # the limit again, after the load
+    assert all(r["threads"] >= 1 for r in results["raw"])
     assert {(r["api"], r["concurrency"]) for r in results["served"]} == {
         ("kserve", 1),
         ("kserve", 4),
@@ -36,6 +38,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
         ("classify", 4),
     }
     assert all(r["errors"] == 0 and r["requests_per_second"] > 0 for r in results["served"])
+    # The server the bench started is on this machine: its CPU per request is known.
+    assert all(r["server_cpu_ms_per_request"] > 0 for r in results["served"])
+    assert "server CPU per request" in results["ratios"][-1]
     assert any("served/raw-best throughput" in line for line in results["ratios"])
     assert results["dense"][0]["cells"] > 0 and results["batching_off"]
     assert (tmp_path / "bench.png").stat().st_size > 1000

@@ -38,3 +38,27 @@ def test_explicit_cuda_without_a_gpu_fails_loudly(monkeypatch) -> None:
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(RuntimeError, match="--device cuda: this onnxruntime build has no CUDA"):
         DeviceChoice("cuda")
+
+
+@pytest.mark.parametrize(("single_seconds", "switched"), [(1e-5, True), (3e-5, False)])
+def test_a_tiny_model_takes_one_thread_only_when_that_is_faster(
+    monkeypatch: pytest.MonkeyPatch, single_seconds: float, switched: bool
+) -> None:
+    import service.runtime as runtime_module
+
+    runtime = Runtime(MODEL, DeviceChoice("cpu"), 2, cpu_threads=2, dynamic_shapes=False)
+    x = np.random.default_rng(1).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    expected = runtime.run({"input": x})[0]
+    samples = [{"input": x}]
+    before = list(runtime.sessions)
+    # A budget no pass meets (a real model): timed once, left alone.
+    assert not runtime.single_thread_if_faster(samples, below_seconds=0.0)
+    assert runtime.threads == 2 and runtime.sessions == before
+    # Timings in the order they are taken: probe, current threads, one thread's warm-up, one thread.
+    timings = iter([2e-5, 2e-5, 1.0, single_seconds])
+    monkeypatch.setattr(runtime_module, "_seconds_per_pass", lambda *_: next(timings))
+    assert runtime.single_thread_if_faster(samples, below_seconds=1e-3) is switched
+    assert runtime.threads == (1 if switched else 2) and len(runtime.sessions) == 2
+    assert (runtime.sessions != before) is switched
+    for instance in range(2):  # every instance answers as before, whichever it kept
+        np.testing.assert_allclose(runtime.run({"input": x}, instance)[0], expected, atol=1e-6)
