@@ -11,6 +11,7 @@ Results go to JSON and a PNG plot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -408,6 +409,95 @@ def _print_report(results: dict[str, Any]) -> None:
         )
 
 
+def _combined(rounds: list[ServedRow]) -> ServedRow:
+    """Several rounds of one step as one row: errors summed, every other figure averaged."""
+    first = rounds[0]
+    figures: dict[str, Any] = {
+        name: statistics.fmean(getattr(r, name) for r in rounds)
+        for name, value in asdict(first).items()
+        if isinstance(value, float)
+    }
+    figures["errors"] = sum(r.errors for r in rounds)
+    return replace(first, **figures)
+
+
+def _compare_batching(
+    args: argparse.Namespace,
+    server: ServerProcess | _Remote,
+    server_args: list[str],
+    kserve: tuple[str, bytes],
+    level: int,
+    seconds: float,
+    connections: int,
+) -> tuple[list[ServedRow], list[str]]:
+    """KServe at ``level``: batching as configured, off, and with ``--batching-window``.
+
+    The servers run side by side and are measured in alternating rounds, so the ratios do not
+    hang on one moment of a shared machine. The window is also measured at concurrency 1: what
+    it costs a lone request.
+    """
+    method, payload = kserve
+    variants: list[tuple[str, ServerProcess | _Remote, int]] = [("kserve", server, level)]
+    with contextlib.ExitStack() as stack:
+        variants.append(
+            (
+                "kserve-nobatch",
+                stack.enter_context(
+                    ServerProcess(args.model_repository, *server_args, "--max-batch-size", "1")
+                ),
+                level,
+            )
+        )
+        if args.batching_window:
+            windowed = stack.enter_context(
+                ServerProcess(
+                    args.model_repository,
+                    *server_args,
+                    "--max-queue-delay-microseconds",
+                    str(args.batching_window),
+                )
+            )
+            variants += [("kserve-window", windowed, 1), ("kserve-window", windowed, level)]
+        rounds: dict[tuple[str, int], list[ServedRow]] = {}
+        for _ in range(2):
+            for api, target, concurrency in variants:
+                rounds.setdefault((api, concurrency), []).append(
+                    served_benchmark(
+                        target.grpc_address,
+                        target.metrics_url,
+                        args.model,
+                        api,
+                        method,
+                        payload,
+                        concurrency,
+                        seconds / 2,
+                        connections,
+                        _pid(target),
+                    )
+                )
+    rows = {key: _combined(found) for key, found in rounds.items()}
+    on, off = rows[("kserve", level)], rows[("kserve-nobatch", level)]
+    lines = [_versus(f"batching on/off at c={level}", on, off)]
+    if args.batching_window:
+        window = rows[("kserve-window", level)]
+        lone = rows[("kserve-window", 1)]
+        lines.append(
+            _versus(
+                f"batching with a {args.batching_window} us window/off at c={level}", window, off
+            )
+            + f"; mean batch {window.mean_batch:.1f}, p50 at c=1 {lone.p50_ms:.2f} ms"
+        )
+    return list(rows.values()), lines
+
+
+def _versus(label: str, on: ServedRow, off: ServedRow) -> str:
+    return (
+        f"{label}: {on.requests_per_second / off.requests_per_second:.2f}x throughput, "
+        f"{on.server_cpu_ms_per_request / off.server_cpu_ms_per_request:.2f}x server CPU per "
+        "request (alternating rounds)"
+    )
+
+
 def _pid(server: ServerProcess | _Remote) -> int | None:
     if isinstance(server, ServerProcess) and server.process is not None:
         return server.process.pid
@@ -493,7 +583,7 @@ def run(args: argparse.Namespace) -> int:
         "served": [],
         "ratios": [],
         "dense": [],
-        "batching_off": [],
+        "batching": [],
         "raw_after": [],
     }
     raw = raw_benchmark(path, args.device, batches, seconds, args.cpu_threads)
@@ -526,33 +616,18 @@ def run(args: argparse.Namespace) -> int:
                 results["dense"] = [
                     dense_comparison(server.grpc_address, args.model, 2 if args.smoke else 5)
                 ]
-        if args.compare_batching:
-            method, payload = payloads["kserve"]
-            with ServerProcess(
-                args.model_repository, *server_args, "--max-batch-size", "1"
-            ) as unbatched:
-                row = served_benchmark(
-                    unbatched.grpc_address,
-                    unbatched.metrics_url,
-                    args.model,
-                    "kserve-nobatch",
-                    method,
-                    payload,
+            if args.compare_batching:
+                rows, lines = _compare_batching(
+                    args,
+                    server,
+                    server_args,
+                    payloads["kserve"],
                     max(concurrency),
                     seconds,
                     connections,
-                    _pid(unbatched),
                 )
-            results["batching_off"] = [asdict(row)]
-            batched = next(
-                r for r in served if r.api == "kserve" and r.concurrency == max(concurrency)
-            )
-            results["ratios"].append(
-                f"batching on/off at c={max(concurrency)}: "
-                f"{batched.requests_per_second / row.requests_per_second:.2f}x throughput, "
-                f"{batched.server_cpu_ms_per_request / row.server_cpu_ms_per_request:.2f}x "
-                "server CPU per request"
-            )
+                results["batching"] = [asdict(r) for r in rows]
+                results["ratios"].extend(lines)
         # The limit again, after the load: on a shared machine it drifts, and the ratios
         # should not hang on one moment's luck.
         raw_after = raw_benchmark(path, args.device, batches, seconds, args.cpu_threads)
@@ -609,6 +684,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         "--compare-batching",
         action="store_true",
         help="also run the highest concurrency with batching off",
+    )
+    bench.add_argument(
+        "--batching-window",
+        type=int,
+        default=0,
+        metavar="US",
+        help="with --compare-batching, also a server batching with this window (microseconds)",
     )
     bench.add_argument("--output", type=Path, default=Path("bench-results"))
     bench.add_argument("--smoke", action="store_true", help="everything for about a second")

@@ -18,6 +18,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
             "--smoke",
             "--dense",
             "--compare-batching",
+            "--batching-window",
+            "2000",
             "--output",
             str(tmp_path),
         ],
@@ -40,8 +42,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert all(r["errors"] == 0 and r["requests_per_second"] > 0 for r in results["served"])
     # The server the bench started is on this machine: its CPU per request is known.
     assert all(r["server_cpu_ms_per_request"] > 0 for r in results["served"])
-    assert "server CPU per request" in results["ratios"][-1]
+    assert all("server CPU per request" in line for line in results["ratios"][-2:])
     assert any("served/raw-best throughput" in line for line in results["ratios"])
-    assert results["dense"][0]["cells"] > 0 and results["batching_off"]
+    assert results["dense"][0]["cells"] > 0
+    # Batching as configured, off, and with a window (also at c=1), in alternating rounds.
+    assert {(r["api"], r["concurrency"]) for r in results["batching"]} == {
+        ("kserve", 4),
+        ("kserve-nobatch", 4),
+        ("kserve-window", 1),
+        ("kserve-window", 4),
+    }
+    assert all(r["errors"] == 0 for r in results["batching"])
+    assert any(line.startswith("batching with a 2000 us window/off") for line in results["ratios"])
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "served kserve" in result.stdout
