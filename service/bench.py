@@ -73,7 +73,7 @@ def raw_benchmark(
     """Images/s and time per batch of the model run in-process, as the server would run it.
 
     With the server's default threads, a tiny model gets the server's choice between them and
-    one thread (:meth:`Runtime.single_thread_if_faster`).
+    one thread (:meth:`Runtime.single_thread_if_cheaper`).
     """
     runtime = Runtime(path, DeviceChoice(device), 1, cpu_threads, dynamic_shapes=False)
     spec = runtime.inputs[0]
@@ -87,7 +87,7 @@ def raw_benchmark(
     ]
     runtime.warm_up(samples)
     if not cpu_threads:
-        runtime.single_thread_if_faster(samples, Settings.inline_compute_microseconds / 1e6)
+        runtime.single_thread_if_cheaper(samples, Settings.inline_compute_microseconds / 1e6)
     rows = []
     for batch, feeds in zip(batch_sizes, samples, strict=True):
         for _ in range(3):

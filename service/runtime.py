@@ -150,17 +150,18 @@ def _specs(values: Sequence[ort.NodeArg]) -> list[TensorSpec]:
     return specs
 
 
-def _seconds_per_pass(
+def _pass_cost(
     session: ort.InferenceSession, samples: Sequence[Mapping[str, np.ndarray]], passes: int
-) -> float:
-    """The best of ``passes`` timed runs of every sample."""
-    best = float("inf")
+) -> tuple[float, float]:
+    """Best wall-clock and best process CPU seconds (all threads) of ``passes`` runs of all."""
+    wall = cpu = float("inf")
     for _ in range(passes):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for feeds in samples:
             session.run(None, dict(feeds))
-        best = min(best, time.perf_counter() - started)
-    return best
+        wall = min(wall, time.perf_counter() - started)
+        cpu = min(cpu, time.process_time() - cpu_started)
+    return wall, cpu
 
 
 class Runtime:
@@ -217,27 +218,28 @@ class Runtime:
             self._device.session(self._path, options, self._cuda_options) for _ in range(instances)
         ]
 
-    def single_thread_if_faster(
+    def single_thread_if_cheaper(
         self, samples: Sequence[Mapping[str, np.ndarray]], below_seconds: float
     ) -> bool:
-        """Switch a tiny CPU model to one intra-op thread when that runs its samples faster.
+        """Switch a tiny CPU model to one intra-op thread when that costs less CPU.
 
         Where a batch takes a fraction of a millisecond, waking another intra-op thread for each
-        operator costs more than it saves (the demo model: 27-44 us a batch on one thread,
-        50-69 us and 60-84 us of CPU on two), and that thread takes a core from the gRPC threads.
-        So when the (warmed-up) samples take under ``below_seconds`` each on average with the
-        threads chosen, one-thread sessions are timed on the same samples and kept if faster.
-        Call it after warm-up. True when the runtime switched.
+        operator costs more than it saves (the demo model at batch 1: 27-44 us on one thread;
+        50-69 us, and 60-84 us of CPU, on two). Such a model runs on the event loop, which is
+        then the bottleneck, and every CPU microsecond its threads burn is taken from the gRPC
+        threads on a small machine. So when the (warmed-up) samples take under ``below_seconds``
+        each on average, one-thread sessions are timed on the same samples and kept if they cost
+        less process CPU time. True when the runtime switched.
         """
         budget = below_seconds * len(samples)
         if self.on_cuda or self.threads == 1 or not samples:
             return False
-        if _seconds_per_pass(self.sessions[0], samples, 1) > budget:
+        if _pass_cost(self.sessions[0], samples, 1)[0] > budget:
             return False  # a real model: one pass says so, without timing it over and over
-        current = _seconds_per_pass(self.sessions[0], samples, 20)
+        wall, cpu = _pass_cost(self.sessions[0], samples, 20)
         single = self._sessions(len(self.sessions), 1)
-        _seconds_per_pass(single[0], samples, 1)  # its own warm-up
-        if current > budget or _seconds_per_pass(single[0], samples, 20) >= current:
+        _pass_cost(single[0], samples, 1)  # its own warm-up
+        if wall > budget or _pass_cost(single[0], samples, 20)[1] >= cpu:
             return False
         self.sessions, self.threads = single, 1
         return True

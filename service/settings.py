@@ -78,7 +78,7 @@ class Settings:
     cpu_threads: int = _setting(
         0,
         "ONNX Runtime threads per CPU instance (0: cores / (instances x workers), or 1 for a "
-        "model under --inline-compute-microseconds that runs faster on one)",
+        "model under --inline-compute-microseconds that costs less CPU on one)",
     )
     workers: int = _setting(
         1,

@@ -40,9 +40,9 @@ def test_explicit_cuda_without_a_gpu_fails_loudly(monkeypatch) -> None:
         DeviceChoice("cuda")
 
 
-@pytest.mark.parametrize(("single_seconds", "switched"), [(1e-5, True), (3e-5, False)])
-def test_a_tiny_model_takes_one_thread_only_when_that_is_faster(
-    monkeypatch: pytest.MonkeyPatch, single_seconds: float, switched: bool
+@pytest.mark.parametrize(("single_cpu", "switched"), [(1e-5, True), (3e-5, False)])
+def test_a_tiny_model_takes_one_thread_only_when_that_costs_less_cpu(
+    monkeypatch: pytest.MonkeyPatch, single_cpu: float, switched: bool
 ) -> None:
     import service.runtime as runtime_module
 
@@ -52,12 +52,13 @@ def test_a_tiny_model_takes_one_thread_only_when_that_is_faster(
     samples = [{"input": x}]
     before = list(runtime.sessions)
     # A budget no pass meets (a real model): timed once, left alone.
-    assert not runtime.single_thread_if_faster(samples, below_seconds=0.0)
+    assert not runtime.single_thread_if_cheaper(samples, below_seconds=0.0)
     assert runtime.threads == 2 and runtime.sessions == before
-    # Timings in the order they are taken: probe, current threads, one thread's warm-up, one thread.
-    timings = iter([2e-5, 2e-5, 1.0, single_seconds])
-    monkeypatch.setattr(runtime_module, "_seconds_per_pass", lambda *_: next(timings))
-    assert runtime.single_thread_if_faster(samples, below_seconds=1e-3) is switched
+    # (wall, CPU) seconds in the order taken: probe, current threads, one thread's warm-up, and
+    # one thread (here slower on the clock, which does not matter: CPU decides).
+    timings = iter([(2e-5, 4e-5), (2e-5, 2e-5), (1.0, 1.0), (3e-5, single_cpu)])
+    monkeypatch.setattr(runtime_module, "_pass_cost", lambda *_: next(timings))
+    assert runtime.single_thread_if_cheaper(samples, below_seconds=1e-3) is switched
     assert runtime.threads == (1 if switched else 2) and len(runtime.sessions) == 2
     assert (runtime.sessions != before) is switched
     for instance in range(2):  # every instance answers as before, whichever it kept
