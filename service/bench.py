@@ -150,10 +150,10 @@ def _with_model(payload: bytes, method: str, model: str) -> bytes:
 
 
 def _process_tree_cpu_seconds(pid: int | None) -> float | None:
-    """User plus system CPU seconds of a process and its children now (Linux /proc; else None).
+    """User plus system CPU seconds of a process and its descendants (Linux /proc; else None).
 
-    Server CPU per request is steadier than throughput on a shared machine: time stolen by
-    neighbours slows the server down but is not charged to it.
+    Server CPU per request tells the server's own cost apart from the load generator's, which
+    runs on the same cores (on a shared machine it is still noisy: caches and frequency are).
     """
     if pid is None:
         return None
@@ -167,7 +167,7 @@ def _process_tree_cpu_seconds(pid: int | None) -> float | None:
         stats[int(entry.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
     if pid not in stats:
         return None
-    tree, ticks, grew = {pid}, 0, True
+    tree, grew = {pid}, True
     while grew:
         children = {child for child, (parent, _) in stats.items() if parent in tree} - tree
         tree |= children

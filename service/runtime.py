@@ -229,7 +229,8 @@ class Runtime:
         then the bottleneck, and every CPU microsecond its threads burn is taken from the gRPC
         threads on a small machine. So when the (warmed-up) samples take under ``below_seconds``
         each on average, one-thread sessions are timed on the same samples and kept if they cost
-        less process CPU time. True when the runtime switched.
+        less process CPU time (a reload under traffic blurs the timing; either choice gives the
+        same answers). True when the runtime switched.
         """
         budget = below_seconds * len(samples)
         if self.on_cuda or self.threads == 1 or not samples:

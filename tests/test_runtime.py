@@ -63,3 +63,29 @@ def test_a_tiny_model_takes_one_thread_only_when_that_costs_less_cpu(
     assert (runtime.sessions != before) is switched
     for instance in range(2):  # every instance answers as before, whichever it kept
         np.testing.assert_allclose(runtime.run({"input": x}, instance)[0], expected, atol=1e-6)
+
+
+async def test_the_operators_thread_count_is_kept_and_real_models_keep_theirs() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.repository import ModelRepository
+    from service.settings import Settings
+
+    async def health(name: str, serving: bool) -> None:
+        return None
+
+    async def threads_of(settings: Settings) -> int:
+        with ThreadPoolExecutor(2) as executor:
+            repository = ModelRepository(
+                BUNDLED_REPOSITORY, settings, DeviceChoice("cpu"), executor, health
+            )
+            await repository.load_all()
+            try:
+                return repository.get("digits", "").runtime.threads
+            finally:
+                await repository.close()
+
+    # Told the threads: kept, though the model is tiny.
+    assert await threads_of(Settings(cpu_threads=2)) == 2
+    # Nothing counts as tiny (no inline compute): the cores, as for any real model.
+    assert await threads_of(Settings(inline_compute_microseconds=0)) == max(1, available_cores())
