@@ -54,10 +54,13 @@ def test_a_tiny_model_takes_one_thread_only_when_that_costs_less_cpu(
     # A budget no pass meets (a real model): timed once, left alone.
     assert not runtime.single_thread_if_cheaper(samples, below_seconds=0.0)
     assert runtime.threads == 2 and runtime.sessions == before
-    # (wall, CPU) seconds in the order taken: probe, current threads, one thread's warm-up, and
-    # one thread (here slower on the clock, which does not matter: CPU decides).
-    timings = iter([(2e-5, 4e-5), (2e-5, 2e-5), (1.0, 1.0), (3e-5, single_cpu)])
-    monkeypatch.setattr(runtime_module, "_pass_cost", lambda *_: next(timings))
+
+    # (wall, CPU) seconds of a pass: one thread is slower on the clock here, which does not
+    # matter: CPU decides.
+    def cost(session: object, *_: object) -> tuple[float, float]:
+        return (2e-5, 2e-5) if session in before else (3e-5, single_cpu)
+
+    monkeypatch.setattr(runtime_module, "_pass_cost", cost)
     assert runtime.single_thread_if_cheaper(samples, below_seconds=1e-3) is switched
     assert runtime.threads == (1 if switched else 2) and len(runtime.sessions) == 2
     assert (runtime.sessions != before) is switched
