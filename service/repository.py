@@ -284,9 +284,11 @@ class ModelRepository:
         samples = _warm_up_feeds(runtime, info, sizes[:1] if dense else sizes, batching)
         runtime.warm_up(samples)
         # A model small enough to run on the event loop may cost less CPU on one thread (unless
-        # the operator chose the threads).
+        # the operator chose the threads). Not a dense twin: its requests are whole images, far
+        # larger than the one window it is warmed up with.
         tiny = self._settings.inline_compute_microseconds / 1e6
-        if not self._settings.cpu_threads and runtime.single_thread_if_cheaper(samples, tiny):
+        tune = not dense and not self._settings.cpu_threads
+        if tune and runtime.single_thread_if_cheaper(samples, tiny):
             runtime.warm_up(samples)
         after = metrics.gpu_memory_used(self._device.device_id)
         if runtime.on_cuda and device_memory is not None and after is not None:
