@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import resource
 import sys
@@ -45,8 +46,9 @@ async def _drive(
     ]
     try:
         calls = [channel.unary_unary(method) for channel in channels]
-        for call in calls:
-            await call(payload, timeout=60)
+        for call in calls:  # connect first; a refused request still connects
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call(payload, timeout=60)
         latencies: list[float] = []
         errors: dict[str, int] = {}
         measuring = False

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 def test_bench_smoke(tmp_path: Path) -> None:
@@ -56,3 +60,60 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert any(line.startswith("batching with a 2000 us window/off") for line in results["ratios"])
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "served kserve" in result.stdout
+
+
+STEP = """
+import json, sys
+from dataclasses import asdict
+
+import numpy as np
+
+from service import BUNDLED_REPOSITORY
+from service._generated.inference import grpc_service_pb2 as pb
+from service.bench import KSERVE_METHOD, served_benchmark
+from service.server_process import ServerProcess
+
+
+def payload(shape):
+    request = pb.ModelInferRequest()
+    request.inputs.add(name="input", datatype="FP32", shape=shape)
+    request.raw_input_contents.append(np.zeros(shape, np.float32).tobytes())
+    return request.SerializeToString()
+
+
+rows = []
+with ServerProcess(BUNDLED_REPOSITORY) as server:
+    # 8x9 decodes (the bytes match the shape) but the model refuses it: INVALID_ARGUMENT.
+    for shape in ([1, 1, 8, 8], [1, 1, 8, 9]):
+        row = served_benchmark(
+            server.grpc_address, server.metrics_url, "digits", "kserve", KSERVE_METHOD,
+            payload(shape), 4, 1.0, 1, server.process.pid, sys.argv[1],
+        )
+        rows.append(asdict(row))
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.parametrize("generator", ["python", "h2load"])
+def test_a_load_step_reports_what_the_server_did(generator: str) -> None:
+    if generator == "h2load" and shutil.which("h2load") is None:
+        if os.environ.get("CI"):  # as with promtool: CI must run it
+            pytest.fail("h2load is not installed; .ci/run installs Debian's nghttp2-client")
+        pytest.skip("h2load is not installed (Debian/Ubuntu: nghttp2-client)")
+    # A process of its own: our KServe stubs and tritonclient's cannot share one.
+    result = subprocess.run(
+        [sys.executable, "-c", STEP, generator],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    good, bad = json.loads(result.stdout.splitlines()[-1])
+    assert good["errors"] == 0 and good["requests_per_second"] > 0
+    assert 0 < good["p50_ms"] <= good["p90_ms"] <= good["p99_ms"]
+    assert good["mean_batch"] >= 1 and good["server_cpu_ms_per_request"] > 0
+    assert 0 < good["generator_cpu_share"] < 2
+    # Refused requests are errors, though h2load itself only sees HTTP 200 (gRPC statuses travel
+    # in trailers): the server's own failure count says so.
+    assert bad["errors"] > 0
