@@ -318,7 +318,9 @@ def _h2load(
     h2load = shutil.which("h2load")
     if h2load is None:
         raise FileNotFoundError("h2load is not installed (Debian/Ubuntu: nghttp2-client)")
-    clients = connections if concurrency % connections == 0 else 1
+    # h2load gives every connection the same number of streams: the most connections (up to
+    # ``connections``) that divide the concurrency evenly.
+    clients = max(d for d in range(1, min(connections, concurrency) + 1) if concurrency % d == 0)
     with tempfile.TemporaryDirectory() as folder:
         frame = Path(folder, "request")
         frame.write_bytes(b"\0" + len(body).to_bytes(4, "big") + body)  # one gRPC message
