@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -67,6 +68,7 @@ class ServedRow:
     compute_ms_per_batch: float
     queue_ms: float
     server_cpu_ms_per_request: float
+    connections: int
 
 
 def raw_benchmark(
@@ -236,9 +238,11 @@ def served_benchmark(
     cpu_after = _process_tree_cpu_seconds(server_pid)
     after = _server_counters(metrics_url, model)
     if generator == "h2load":  # it sees HTTP statuses only; gRPC errors come in trailers
-        summary["errors"]["server-side"] = int(
-            after.get("failed_requests", 0.0) - before.get("failed_requests", 0.0)
-        )
+        failed = int(after.get("failed_requests", 0.0) - before.get("failed_requests", 0.0))
+        if failed:  # refused answers are not served ones (their latencies stay in; see errors)
+            summary["errors"]["server-side"] = failed
+            summary["requests"] = max(0, summary["requests"] - failed)
+            summary["rate"] = summary["requests"] / summary["seconds"]
     answered = after.get("convserve_request_duration_seconds_count", 0.0) - before.get(
         "convserve_request_duration_seconds_count", 0.0
     )
@@ -258,6 +262,7 @@ def served_benchmark(
         _mean(before, after, "convserve_compute_duration_seconds") * 1000,
         _mean(before, after, "convserve_queue_duration_seconds") * 1000,
         cpu_per_request,
+        summary["connections"],
     )
 
 
@@ -299,6 +304,7 @@ def _python_loadgen(
             check=True,
         )
     summary: dict[str, Any] = json.loads(result.stdout)
+    summary["connections"] = max(1, min(connections, concurrency))
     return summary
 
 
@@ -349,6 +355,7 @@ def _h2load(
     answered = [int(latency) for _, status, latency, *_ in rows if status == "200"]
     latencies = np.array(answered) / 1000 if answered else np.array([np.nan])
     return {
+        "connections": clients,
         "requests": len(answered),
         "errors": {"http": len(rows) - len(answered)} if len(rows) > len(answered) else {},
         "seconds": seconds,
@@ -449,7 +456,13 @@ def _plot(results: dict[str, Any], target: Path) -> bool:
             label=f"{api} p99",
         )
     if results["raw"]:
-        best = max(r["images_per_second"] for r in results["raw"])
+        after = {r["batch"]: r["images_per_second"] for r in results["raw_after"]}
+        best = max(  # as the ratios take it: before and after the load, averaged
+            statistics.fmean(
+                [r["images_per_second"], after.get(r["batch"], r["images_per_second"])]
+            )
+            for r in results["raw"]
+        )
         left.axhline(best, color="grey", linestyle=":", label="raw ONNX Runtime best")
     left.set(
         xscale="log",
@@ -469,8 +482,8 @@ def _plot(results: dict[str, Any], target: Path) -> bool:
 def _print_report(results: dict[str, Any]) -> None:
     print(
         f"model {results['model']} on {results['device']}, {results['workers']} server "
-        f"worker(s), load from {results['generator']} over {results['connections']} "
-        "connection(s)"
+        f"worker(s) ({results['server_threads'] or '?'} ONNX Runtime thread(s) each), load from "
+        f"{results['generator']} over up to {results['connections']} connection(s)"
     )
     after = {row["batch"]: row for row in results["raw_after"]}
     for row in results["raw"]:
@@ -493,7 +506,8 @@ def _print_report(results: dict[str, Any]) -> None:
             f"{row['mean_batch']:5.2f} (compute {row['compute_ms_per_batch']:.2f} ms/batch, "
             f"queue {row['queue_ms']:.2f} ms), server CPU "
             f"{row['server_cpu_ms_per_request']:.3f} ms/request, load generator "
-            f"{row['generator_cpu_share']:.0%} of a core, errors {row['errors']}"
+            f"{row['generator_cpu_share']:.0%} of a core over {row['connections']} "
+            f"connection(s), errors {row['errors']}"
         )
     for line in results["ratios"]:
         print(f"  {line}")
@@ -532,6 +546,11 @@ def _compare_batching(
     it costs a lone request.
     """
     method, payload = kserve
+    # The variants warm up on other batch sizes, so they could choose other threads (see
+    # Runtime.single_thread_if_cheaper): pin them to the ones the measured server chose.
+    threads = _server_threads(server, args.model)
+    if threads and not args.cpu_threads:
+        server_args = [*server_args, "--cpu-threads", str(threads)]
     variants: list[tuple[str, ServerProcess | _Remote, int]] = [("kserve", server, level)]
     with contextlib.ExitStack() as stack:
         variants.append(
@@ -552,7 +571,11 @@ def _compare_batching(
                     str(args.batching_window),
                 )
             )
-            variants += [("kserve-window", windowed, 1), ("kserve-window", windowed, level)]
+            variants += [
+                ("kserve", server, 1),
+                ("kserve-window", windowed, 1),
+                ("kserve-window", windowed, level),
+            ]
         rounds: dict[tuple[str, int], list[ServedRow]] = {}
         for _ in range(2):
             for api, target, concurrency in variants:
@@ -576,22 +599,40 @@ def _compare_batching(
     lines = [_versus(f"batching on/off at c={level}", on, off)]
     if args.batching_window:
         window = rows[("kserve-window", level)]
-        lone = rows[("kserve-window", 1)]
+        lone, unwindowed = rows[("kserve-window", 1)], rows[("kserve", 1)]
         lines.append(
             _versus(
                 f"batching with a {args.batching_window} us window/off at c={level}", window, off
             )
-            + f"; mean batch {window.mean_batch:.1f}, p50 at c=1 {lone.p50_ms:.2f} ms"
+            + f"; mean batch {window.mean_batch:.1f}; p50 at c=1 {lone.p50_ms:.2f} ms against "
+            f"{unwindowed.p50_ms:.2f} ms without the window"
         )
     return list(rows.values()), lines
 
 
+def _ratio(over: float, under: float) -> float:
+    """``over / under``, or NaN where ``under`` is 0 or NaN (a step with no answers)."""
+    return over / under if under and under == under else float("nan")
+
+
 def _versus(label: str, on: ServedRow, off: ServedRow) -> str:
     return (
-        f"{label}: {on.requests_per_second / off.requests_per_second:.2f}x throughput, "
-        f"{on.server_cpu_ms_per_request / off.server_cpu_ms_per_request:.2f}x server CPU per "
-        "request (alternating rounds)"
+        f"{label}: {_ratio(on.requests_per_second, off.requests_per_second):.2f}x throughput, "
+        f"{_ratio(on.server_cpu_ms_per_request, off.server_cpu_ms_per_request):.2f}x server "
+        "CPU per request (alternating rounds)"
     )
+
+
+_LOADED = re.compile(r"loaded (\S+) v\d+ from .* (\d+) thread\(s\) each")
+
+
+def _server_threads(server: ServerProcess | _Remote, model: str) -> int | None:
+    """The ONNX Runtime threads a server this bench started chose for ``model`` (its log)."""
+    if isinstance(server, ServerProcess):
+        for line in server.lines:
+            if (match := _LOADED.search(line)) and match.group(1) == model:
+                return int(match.group(2))
+    return None
 
 
 def _pid(server: ServerProcess | _Remote) -> int | None:
@@ -679,6 +720,7 @@ def run(args: argparse.Namespace) -> int:
         "workers": args.workers,
         "connections": connections,
         "generator": generator,
+        "server_threads": None,
         "raw": [],
         "served": [],
         "ratios": [],
@@ -717,6 +759,7 @@ def run(args: argparse.Namespace) -> int:
                 results["dense"] = [
                     dense_comparison(server.grpc_address, args.model, 2 if args.smoke else 5)
                 ]
+            results["server_threads"] = _server_threads(server, args.model)
             if args.compare_batching:
                 rows, lines = _compare_batching(
                     args,
@@ -731,7 +774,7 @@ def run(args: argparse.Namespace) -> int:
                 results["ratios"].extend(lines)
         # The limit again, after the load: on a shared machine it drifts, and the ratios
         # should not hang on one moment's luck.
-        raw_after = raw_benchmark(path, args.device, batches, seconds, args.cpu_threads)
+        raw_after = raw_benchmark(path, args.device, batches, seconds, raw[0].threads)
         results["raw_after"] = [asdict(r) for r in raw_after]
         raw = [_averaged(a, b) for a, b in zip(raw, raw_after, strict=True)]
     results["served"] = [asdict(r) for r in served]

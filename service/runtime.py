@@ -231,8 +231,9 @@ class Runtime:
         each on average, one-thread sessions are timed on the same samples and kept unless they
         cost clearly (10 %) more process CPU time: more threads never save CPU, so a near tie is
         noise (a large sample such as batch 32 can make one), and it goes to the thread that
-        leaves the other cores to gRPC. A reload under traffic blurs the timing; either choice
-        gives the same answers. True when the runtime switched.
+        leaves the other cores to gRPC; but not when one thread is no longer tiny, or is 1.5x
+        slower on the clock. A reload under traffic blurs the timing; either choice gives the same
+        answers. True when the runtime switched.
         """
         budget = below_seconds * len(samples)
         if self.on_cuda or self.threads == 1 or not samples:
@@ -241,13 +242,16 @@ class Runtime:
             return False  # a real model: one pass says so, without timing it over and over
         single = self._sessions(len(self.sessions), 1)
         _pass_cost(single[0], samples, 1)  # its own warm-up
-        wall = cpu = single_cpu = float("inf")
+        wall = cpu = single_wall = single_cpu = float("inf")
         for _ in range(20):  # alternating, so a noisy moment hits both
             now_wall, now_cpu = _pass_cost(self.sessions[0], samples, 1)
             wall, cpu = min(wall, now_wall), min(cpu, now_cpu)
-            single_cpu = min(single_cpu, _pass_cost(single[0], samples, 1)[1])
+            now_wall, now_cpu = _pass_cost(single[0], samples, 1)
+            single_wall, single_cpu = min(single_wall, now_wall), min(single_cpu, now_cpu)
         if wall > budget or single_cpu > 1.1 * cpu:
             return False
+        if single_wall > budget or single_wall > 1.5 * wall:
+            return False  # cheaper, but no longer tiny, or much slower on the clock
         self.sessions, self.threads = single, 1
         return True
 

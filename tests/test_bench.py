@@ -24,6 +24,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
             "--compare-batching",
             "--batching-window",
             "2000",
+            "--cpu-threads",
+            "1",
             "--output",
             str(tmp_path),
         ],
@@ -36,7 +38,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "bench.json").read_text())
     assert [r["batch"] for r in results["raw"]] == [1, 8]
     assert [r["batch"] for r in results["raw_after"]] == [1, 8]  # the limit again, after the load
-    assert all(r["threads"] >= 1 for r in results["raw"])
+    # The limit runs with the server's threads, before and after the load.
+    assert results["server_threads"] == 1
+    assert {r["threads"] for r in results["raw"] + results["raw_after"]} == {1}
     assert {(r["api"], r["concurrency"]) for r in results["served"]} == {
         ("kserve", 1),
         ("kserve", 4),
@@ -51,6 +55,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert results["dense"][0]["cells"] > 0
     # Batching as configured, off, and with a window (also at c=1), in alternating rounds.
     assert {(r["api"], r["concurrency"]) for r in results["batching"]} == {
+        ("kserve", 1),
         ("kserve", 4),
         ("kserve-nobatch", 4),
         ("kserve-window", 1),

@@ -40,9 +40,16 @@ def test_explicit_cuda_without_a_gpu_fails_loudly(monkeypatch) -> None:
         DeviceChoice("cuda")
 
 
-@pytest.mark.parametrize(("single_cpu", "switched"), [(1e-5, True), (3e-5, False)])
+@pytest.mark.parametrize(
+    ("single_wall", "single_cpu", "switched"),
+    [
+        (2.5e-5, 1e-5, True),  # cheaper, a little slower on the clock: one thread
+        (2.5e-5, 3e-5, False),  # clearly dearer
+        (4e-5, 1e-5, False),  # cheaper, but twice as slow on the clock
+    ],
+)
 def test_a_tiny_model_takes_one_thread_only_when_that_costs_less_cpu(
-    monkeypatch: pytest.MonkeyPatch, single_cpu: float, switched: bool
+    monkeypatch: pytest.MonkeyPatch, single_wall: float, single_cpu: float, switched: bool
 ) -> None:
     import service.runtime as runtime_module
 
@@ -55,10 +62,9 @@ def test_a_tiny_model_takes_one_thread_only_when_that_costs_less_cpu(
     assert not runtime.single_thread_if_cheaper(samples, below_seconds=0.0)
     assert runtime.threads == 2 and runtime.sessions == before
 
-    # (wall, CPU) seconds of a pass: one thread is slower on the clock here, which does not
-    # matter: CPU decides.
+    # (wall, CPU) seconds of a pass, for the current sessions and for one-thread ones.
     def cost(session: object, *_: object) -> tuple[float, float]:
-        return (2e-5, 2e-5) if session in before else (3e-5, single_cpu)
+        return (2e-5, 2e-5) if session in before else (single_wall, single_cpu)
 
     monkeypatch.setattr(runtime_module, "_pass_cost", cost)
     assert runtime.single_thread_if_cheaper(samples, below_seconds=1e-3) is switched
