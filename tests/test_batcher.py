@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.batcher import BatchQueue
+from service.batcher import LONE_WINDOWS, PROBE_EVERY, BatchQueue
 from service.errors import DeadlineExceeded, ResourceExhausted, ServingError
 
 
@@ -255,3 +255,42 @@ def test_cuda_batch_buckets() -> None:
     assert _warm_up_sizes(32, (), buckets=False) == [1, 32]
     assert _warm_up_sizes(32, (12,), buckets=True) == [1, 2, 4, 8, 12, 16, 32]
     assert _warm_up_sizes(0, (), buckets=True) == [1]
+
+
+async def test_a_window_that_gathers_nobody_is_skipped_but_probed(executor) -> None:
+    run, seen = Recorder(), Counting()
+    queue = BatchQueue(
+        run,
+        [executor],
+        max_batch_size=8,
+        max_queue_delay_microseconds=20_000,
+        inline_below_seconds=1.0,
+        observer=seen,
+    )
+    loop = asyncio.get_running_loop()
+    for i in range(LONE_WINDOWS):  # a lone client: each of these waits the whole window
+        started = loop.time()
+        await queue.submit({"x": rows(1, i)}, 1, (3,), None)
+        assert loop.time() - started >= 0.015
+    # Now the window is skipped: a tiny model answers inside submit, ...
+    answered_at_once = []
+    for i in range(PROBE_EVERY):
+        future = queue.submit({"x": rows(1, i)}, 1, (3,), None)
+        answered_at_once.append(future.done())
+        await future
+    # ... except the probe, which waits the window again, in case company has come.
+    assert answered_at_once == [True] * (PROBE_EVERY - 1) + [False]
+    assert run.sizes == [1] * (LONE_WINDOWS + PROBE_EVERY)
+    # Company during a probe brings the window back for everyone.
+    for i in range(PROBE_EVERY - 1):
+        await queue.submit({"x": rows(1, i)}, 1, (3,), None)
+    probe = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
+    company = queue.submit({"x": rows(1, 1)}, 1, (3,), None)
+    assert not probe.done() and not company.done()
+    await asyncio.gather(probe, company)
+    assert run.sizes[-1] == 2
+    lone = queue.submit({"x": rows(1, 2)}, 1, (3,), None)
+    assert not lone.done()  # the window is back: it waits for company again
+    await lone
+    assert seen.batches[-1] == (1, 1)
+    await queue.close()
