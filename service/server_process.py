@@ -39,6 +39,7 @@ class ServerProcess:
         self.metrics_port = 0
         self._ready = threading.Event()
         self.process: subprocess.Popen[str] | None = None
+        self._reader = threading.Thread()
 
     @property
     def grpc_address(self) -> str:
@@ -59,7 +60,8 @@ class ServerProcess:
         self.process = subprocess.Popen(
             self.command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=self.env
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         if not self._ready.wait(timeout):
             self.stop()
             raise RuntimeError("server did not become ready:\n" + "".join(self.lines))
@@ -69,14 +71,15 @@ class ServerProcess:
 
     def _read(self) -> None:
         assert self.process is not None and self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            if match := _GRPC.search(line):
-                self.grpc_port = int(match.group(1))
-            if match := _METRICS.search(line):
-                self.metrics_port = int(match.group(1))
-            if "ready: serving" in line:
-                self._ready.set()
+        with self.process.stderr:  # closed at the end of the output, not left to the collector
+            for line in self.process.stderr:
+                self.lines.append(line)
+                if match := _GRPC.search(line):
+                    self.grpc_port = int(match.group(1))
+                if match := _METRICS.search(line):
+                    self.metrics_port = int(match.group(1))
+                if "ready: serving" in line:
+                    self._ready.set()
         self._ready.set()
 
     def log(self) -> str:
@@ -94,15 +97,18 @@ class ServerProcess:
         return self.process.wait(timeout)
 
     def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after 30 s; returns the exit code."""
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(10)
+        """SIGTERM, then SIGKILL after 30 s; returns the exit code once its output is read."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._reader.join(10)  # it closes the pipe at the end of the output
+        return self.process.returncode
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -20,6 +21,7 @@ from export.model_entry import ExportSpec, export_entry
 from service import BUNDLED_REPOSITORY
 from service._generated.convserve.v1 import classifier_pb2 as pb
 from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
+from service.errors import InvalidArgument
 from service.server_process import ServerProcess
 
 
@@ -490,3 +492,59 @@ def test_dense_tensor_input_takes_no_other_scales(stub) -> None:
         )
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "scales other than 1 need an encoded image" in error.value.details()
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """A real thread pool that counts what it was given."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+async def test_tiny_images_decode_on_the_loop_and_large_ones_on_decoding_threads() -> None:
+    from service.classification import INLINE_PIXELS, Classification, ImageInput
+    from service.inference import DataPlane, Outcome
+    from service.repository import ModelRepository
+    from service.runtime import DeviceChoice
+    from service.settings import Settings
+
+    async def health(name: str, serving: bool) -> None:
+        return None
+
+    settings = Settings()
+    with CountingExecutor() as decoders, ThreadPoolExecutor(2) as loads:
+        repository = ModelRepository(
+            BUNDLED_REPOSITORY, settings, DeviceChoice("cpu"), loads, health
+        )
+        await repository.load_all()
+        classification = Classification(DataPlane(repository), settings, decoders)
+        rng = np.random.default_rng(3)
+        tiny = png(rng.integers(0, 256, (8, 8), dtype=np.uint8))
+        side = int(INLINE_PIXELS**0.5) + 1
+        large = png(
+            np.kron(
+                rng.integers(0, 256, (8, 8), dtype=np.uint8), np.ones((side // 8 + 1,) * 2)
+            ).astype(np.uint8)
+        )
+
+        async def top(images: list[bytes]) -> list[list[tuple[str, float]]]:
+            _model, found = await classification.classify(
+                "digits", "", [ImageInput(encoded=i) for i in images], 3, None, Outcome()
+            )
+            return [[(t.label, t.probability) for t in per_image] for per_image in found]
+
+        on_loop = await top([tiny])
+        assert decoders.submitted == 0  # decoded here: the hop would cost more
+        mixed = await top([large, tiny, large])
+        assert decoders.submitted == 2  # only the large ones went to the threads
+        assert mixed[1] == on_loop[0]  # the same answer, wherever it was decoded
+        assert mixed[0] == mixed[2]
+        # A header that cannot be read says nothing of the size: the thread reports it as ever.
+        with pytest.raises(InvalidArgument, match="not a readable"):
+            await top([b"\x89PNG\r\n\x1a\n broken"])
+        await repository.close()
