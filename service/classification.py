@@ -192,16 +192,18 @@ class Classification:
 
     async def _tensors(self, model: ServedModel, inputs: Sequence[ImageInput]) -> list[np.ndarray]:
         """Every image as the network's input: tiny ones here, the rest on decoding threads."""
-        tensors: dict[int, np.ndarray] = {}
-        threaded = {}
-        for index, image in enumerate(inputs):
-            if _tiny(image):
-                tensors[index] = self._classify_tensor(model, image)
-            else:
-                threaded[index] = self._off_loop(self._classify_tensor, model, image)
-        if threaded:
-            done = await asyncio.gather(*threaded.values())
-            tensors.update(zip(threaded, done, strict=True))
+        tiny = [_tiny(image) for image in inputs]
+        tensors = {
+            index: self._classify_tensor(model, image)
+            for index, image in enumerate(inputs)
+            if tiny[index]
+        }
+        # Started only now, so a tiny image's error above leaves no coroutine never awaited.
+        threaded = [index for index in range(len(inputs)) if not tiny[index]]
+        done = await asyncio.gather(
+            *(self._off_loop(self._classify_tensor, model, inputs[index]) for index in threaded)
+        )
+        tensors.update(zip(threaded, done, strict=True))
         return [tensors[index] for index in range(len(inputs))]
 
     async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
