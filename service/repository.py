@@ -28,7 +28,7 @@ from .batcher import BatchQueue
 from .errors import InvalidArgument, ModelLoadFailed, ModelNotFound, ServingError
 from .model_config import ModelConfig, load_model_config
 from .model_info import ModelInfo, read_model_info
-from .runtime import DeviceChoice, Runtime, TensorSpec, available_cores
+from .runtime import DeviceChoice, Runtime, TensorSpec
 from .settings import Settings
 from .statistics import ModelStats
 
@@ -265,11 +265,14 @@ class ModelRepository:
         self, name: str, version: int, path: Path, dense: bool, config: ModelConfig
     ) -> _Built:
         device_memory = metrics.gpu_memory_used(self._device.device_id)
-        # Every worker process holds its own instances: split the cores over all of them.
-        threads = self._settings.cpu_threads or max(
-            1, available_cores() // (config.instances * self._settings.workers)
+        runtime = Runtime(
+            path,
+            self._device,
+            config.instances,
+            self._settings.cpu_threads,
+            dynamic_shapes=dense,
+            processes=self._settings.workers,
         )
-        runtime = Runtime(path, self._device, config.instances, threads, dynamic_shapes=dense)
         info = read_model_info(runtime.metadata)
         batching = config.batching.max_batch_size > 0
         if batching and any(spec.shape[:1] != (-1,) for spec in runtime.inputs):

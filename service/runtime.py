@@ -178,8 +178,11 @@ class Runtime:
         instances: int,
         cpu_threads: int,
         dynamic_shapes: bool,
+        processes: int = 1,
     ) -> None:
-        threads = cpu_threads or max(1, available_cores() // instances)
+        # 0 threads: the cores split over every instance of every process holding this model
+        # (each `serve --workers` process holds its own instances).
+        threads = cpu_threads or max(1, available_cores() // (instances * processes))
         self._path, self._device = path, device
         self._cuda_options = {
             "do_copy_in_default_stream": "1",
