@@ -181,7 +181,11 @@ def _process_tree_cpu_seconds(pid: int | None) -> float | None:
 
 
 def _server_counters(metrics_url: str, model: str) -> dict[str, float]:
-    """Sum and count of ``model``'s histograms (over label sets such as the API); failures."""
+    """Sums and counts of ``model``'s histograms (over label sets such as the API), requests.
+
+    ``requests`` counts the finished ones and ``failed_requests`` the refused ones: the only
+    figures the gRPC floor reports.
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
@@ -192,11 +196,13 @@ def _server_counters(metrics_url: str, model: str) -> dict[str, float]:
                 continue
             if sample.name.endswith(("_sum", "_count")):
                 found[sample.name] = found.get(sample.name, 0.0) + sample.value  # over APIs
-            elif sample.name == "convserve_requests_total" and sample.labels["code"] not in (
-                "OK",
-                "CANCELLED",  # h2load resets the streams still open when its time is up
-            ):
-                found["failed_requests"] = found.get("failed_requests", 0.0) + sample.value
+            elif sample.name == "convserve_requests_total":
+                found["requests"] = found.get("requests", 0.0) + sample.value
+                if sample.labels["code"] not in (
+                    "OK",
+                    "CANCELLED",  # h2load resets the streams still open when its time is up
+                ):
+                    found["failed_requests"] = found.get("failed_requests", 0.0) + sample.value
     return found
 
 
@@ -243,9 +249,7 @@ def served_benchmark(
             summary["errors"]["server-side"] = failed
             summary["requests"] = max(0, summary["requests"] - failed)
             summary["rate"] = summary["requests"] / summary["seconds"]
-    answered = after.get("convserve_request_duration_seconds_count", 0.0) - before.get(
-        "convserve_request_duration_seconds_count", 0.0
-    )
+    answered = after.get("requests", 0.0) - before.get("requests", 0.0)
     cpu_per_request = float("nan")
     if cpu_before is not None and cpu_after is not None and answered:
         cpu_per_request = (cpu_after - cpu_before) / answered * 1000
@@ -530,6 +534,84 @@ def _combined(rounds: list[ServedRow]) -> ServedRow:
     return replace(first, **figures)
 
 
+def _alternating(
+    args: argparse.Namespace,
+    variants: list[tuple[str, ServerProcess | _Remote, int]],
+    kserve: tuple[str, bytes],
+    seconds: float,
+    connections: int,
+) -> dict[tuple[str, int], ServedRow]:
+    """Each (label, server, concurrency) step in two alternating rounds of ``seconds / 2``."""
+    method, payload = kserve
+    rounds: dict[tuple[str, int], list[ServedRow]] = {}
+    for _ in range(2):
+        for api, target, concurrency in variants:
+            rounds.setdefault((api, concurrency), []).append(
+                served_benchmark(
+                    target.grpc_address,
+                    target.metrics_url,
+                    args.model,
+                    api,
+                    method,
+                    payload,
+                    concurrency,
+                    seconds / 2,
+                    connections,
+                    _pid(target),
+                    args.generator,
+                )
+            )
+    return {key: _combined(found) for key, found in rounds.items()}
+
+
+def _compare_floor(
+    args: argparse.Namespace,
+    server: ServerProcess | _Remote,
+    kserve: tuple[str, bytes],
+    level: int,
+    seconds: float,
+    connections: int,
+) -> tuple[list[ServedRow], list[str]]:
+    """KServe at concurrency 1 and ``level`` against the gRPC floor (:mod:`.grpc_floor`).
+
+    The floor runs the model inline behind a bare grpc.aio handler, on the ONNX Runtime threads
+    the measured server chose, in one process. Alternating rounds, as for batching.
+    """
+    threads = args.cpu_threads or _server_threads(server, args.model) or 0
+    floor_args = ["--model", args.model, "--version", str(args.version), "--device", args.device]
+    with ServerProcess(
+        args.model_repository,
+        *floor_args,
+        "--cpu-threads",
+        str(threads),
+        module=("service.grpc_floor",),
+    ) as floor:
+        rows = _alternating(
+            args,
+            [
+                ("kserve", server, 1),
+                ("kserve-floor", floor, 1),
+                ("kserve", server, level),
+                ("kserve-floor", floor, level),
+            ],
+            kserve,
+            seconds,
+            connections,
+        )
+    lone, bare = rows[("kserve", 1)], rows[("kserve-floor", 1)]
+    processes = f" (convserve: {args.workers} processes, the floor: 1)" if args.workers > 1 else ""
+    lines = [
+        _versus(
+            f"convserve/gRPC floor at c={level}{processes}",
+            rows[("kserve", level)],
+            rows[("kserve-floor", level)],
+        ),
+        f"p50 at c=1: convserve {lone.p50_ms:.2f} ms, gRPC floor {bare.p50_ms:.2f} ms "
+        f"({lone.p50_ms - bare.p50_ms:+.2f} ms above it)",
+    ]
+    return list(rows.values()), lines
+
+
 def _compare_batching(
     args: argparse.Namespace,
     server: ServerProcess | _Remote,
@@ -545,7 +627,6 @@ def _compare_batching(
     hang on one moment of a shared machine. The window is also measured at concurrency 1: what
     it costs a lone request.
     """
-    method, payload = kserve
     # The variants warm up on other batch sizes, so they could choose other threads (see
     # Runtime.single_thread_if_cheaper): pin them to the ones the measured server chose.
     threads = _server_threads(server, args.model)
@@ -576,25 +657,7 @@ def _compare_batching(
                 ("kserve-window", windowed, 1),
                 ("kserve-window", windowed, level),
             ]
-        rounds: dict[tuple[str, int], list[ServedRow]] = {}
-        for _ in range(2):
-            for api, target, concurrency in variants:
-                rounds.setdefault((api, concurrency), []).append(
-                    served_benchmark(
-                        target.grpc_address,
-                        target.metrics_url,
-                        args.model,
-                        api,
-                        method,
-                        payload,
-                        concurrency,
-                        seconds / 2,
-                        connections,
-                        _pid(target),
-                        args.generator,
-                    )
-                )
-    rows = {key: _combined(found) for key, found in rounds.items()}
+        rows = _alternating(args, variants, kserve, seconds, connections)
     on, off = rows[("kserve", level)], rows[("kserve-nobatch", level)]
     lines = [_versus(f"batching on/off at c={level}", on, off)]
     if args.batching_window:
@@ -726,13 +789,15 @@ def run(args: argparse.Namespace) -> int:
         "ratios": [],
         "dense": [],
         "batching": [],
+        "floor": [],
         "raw_after": [],
     }
     raw = raw_benchmark(path, args.device, batches, seconds, args.cpu_threads)
     results["raw"] = [asdict(r) for r in raw]
     served: list[ServedRow] = []
     if not args.raw:
-        payloads = {"kserve": (KSERVE_METHOD, _kserve_payload(runtime))}
+        kserve = (KSERVE_METHOD, _kserve_payload(runtime))  # also for the comparisons
+        payloads = {"kserve": kserve}
         classify = _classify_payload(runtime)
         if classify is not None and "classify" in args.apis:
             payloads["classify"] = (CLASSIFY_METHOD, classify)
@@ -765,12 +830,18 @@ def run(args: argparse.Namespace) -> int:
                     args,
                     server,
                     server_args,
-                    payloads["kserve"],
+                    kserve,
                     max(concurrency),
                     seconds,
                     connections,
                 )
                 results["batching"] = [asdict(r) for r in rows]
+                results["ratios"].extend(lines)
+            if args.floor:
+                rows, lines = _compare_floor(
+                    args, server, kserve, max(concurrency), seconds, connections
+                )
+                results["floor"] = [asdict(r) for r in rows]
                 results["ratios"].extend(lines)
         # The limit again, after the load: on a shared machine it drifts, and the ratios
         # should not hang on one moment's luck.
@@ -842,6 +913,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         default=0,
         metavar="US",
         help="with --compare-batching, also a server batching with this window (microseconds)",
+    )
+    bench.add_argument(
+        "--floor",
+        action="store_true",
+        help="also the gRPC floor: the model inline behind a bare grpc.aio handler (no batching, "
+        "no checks), at concurrency 1 and the highest, alternating with the server",
     )
     bench.add_argument("--output", type=Path, default=Path("bench-results"))
     bench.add_argument("--smoke", action="store_true", help="everything for about a second")

@@ -17,12 +17,19 @@ _METRICS = re.compile(r"metrics listening on [^:]+:(\d+)")
 class ServerProcess:
     """A server subprocess; ``grpc_address`` and ``metrics_url`` once :meth:`start` returns."""
 
-    def __init__(self, repository: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        module: tuple[str, ...] = ("service", "serve"),
+    ) -> None:
+        # ``module``: what ``python -m`` runs; anything that takes these flags and logs the same
+        # listening and ready lines (``service.grpc_floor`` for the benchmark).
         self.command = [
             sys.executable,
             "-m",
-            "service",
-            "serve",
+            *module,
             "--host",
             "127.0.0.1",
             "--grpc-port",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
             "--compare-batching",
             "--batching-window",
             "2000",
+            "--floor",
             "--cpu-threads",
             "1",
             "--output",
@@ -50,7 +52,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert all(r["errors"] == 0 and r["requests_per_second"] > 0 for r in results["served"])
     # The server the bench started is on this machine: its CPU per request is known.
     assert all(r["server_cpu_ms_per_request"] > 0 for r in results["served"])
-    assert all("server CPU per request" in line for line in results["ratios"][-2:])
+    assert any(line.startswith("batching on/off at c=4") for line in results["ratios"])
     assert any("served/raw-best throughput" in line for line in results["ratios"])
     assert results["dense"][0]["cells"] > 0
     # Batching as configured, off, and with a window (also at c=1), in alternating rounds.
@@ -63,6 +65,16 @@ def test_bench_smoke(tmp_path: Path) -> None:
     }
     assert all(r["errors"] == 0 for r in results["batching"])
     assert any(line.startswith("batching with a 2000 us window/off") for line in results["ratios"])
+    # The gRPC floor at c=1 and the highest level, alternating with the server.
+    assert {(r["api"], r["concurrency"]) for r in results["floor"]} == {
+        ("kserve", 1),
+        ("kserve", 4),
+        ("kserve-floor", 1),
+        ("kserve-floor", 4),
+    }
+    assert all(r["errors"] == 0 and r["server_cpu_ms_per_request"] > 0 for r in results["floor"])
+    assert any(line.startswith("convserve/gRPC floor at c=4") for line in results["ratios"])
+    assert any(line.startswith("p50 at c=1: convserve") for line in results["ratios"])
     assert (tmp_path / "bench.png").stat().st_size > 1000
     assert "served kserve" in result.stdout
 
@@ -87,7 +99,8 @@ def payload(shape):
 
 
 rows = []
-with ServerProcess(BUNDLED_REPOSITORY) as server:
+module = ("service", "serve") if sys.argv[2] == "serve" else ("service.grpc_floor",)
+with ServerProcess(BUNDLED_REPOSITORY, module=module) as server:
     # 8x9 decodes (the bytes match the shape) but the model refuses it: INVALID_ARGUMENT.
     for shape in ([1, 1, 8, 8], [1, 1, 8, 9]):
         row = served_benchmark(
@@ -99,15 +112,17 @@ print(json.dumps(rows))
 """
 
 
-@pytest.mark.parametrize("generator", ["python", "h2load"])
-def test_a_load_step_reports_what_the_server_did(generator: str) -> None:
+@pytest.mark.parametrize(
+    ("generator", "server"), [("python", "serve"), ("h2load", "serve"), ("h2load", "floor")]
+)
+def test_a_load_step_reports_what_the_server_did(generator: str, server: str) -> None:
     if generator == "h2load" and shutil.which("h2load") is None:
         if os.environ.get("CI"):  # as with promtool: CI must run it
             pytest.fail("h2load is not installed; .ci/run installs Debian's nghttp2-client")
         pytest.skip("h2load is not installed (Debian/Ubuntu: nghttp2-client)")
     # A process of its own: our KServe stubs and tritonclient's cannot share one.
     result = subprocess.run(
-        [sys.executable, "-c", STEP, generator],
+        [sys.executable, "-c", STEP, generator, server],
         capture_output=True,
         text=True,
         timeout=180,
@@ -117,7 +132,9 @@ def test_a_load_step_reports_what_the_server_did(generator: str) -> None:
     good, bad = json.loads(result.stdout.splitlines()[-1])
     assert good["errors"] == 0 and good["requests_per_second"] > 0
     assert 0 < good["p50_ms"] <= good["p90_ms"] <= good["p99_ms"]
-    assert good["mean_batch"] >= 1 and good["server_cpu_ms_per_request"] > 0
+    assert good["server_cpu_ms_per_request"] > 0
+    # The floor has no batches to report.
+    assert good["mean_batch"] >= 1 if server == "serve" else math.isnan(good["mean_batch"])
     assert 0 < good["generator_cpu_share"] < 2
     # Refused requests are errors, though h2load itself only sees HTTP 200 (gRPC statuses travel
     # in trailers): the server's own failure count says so.
