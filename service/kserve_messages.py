@@ -6,7 +6,13 @@ from ._generated.inference import grpc_service_pb2 as pb
 from .repository import ModelRepository, ServedModel
 from .statistics import Duration
 
-__all__ = ["model_config", "model_metadata", "model_statistics", "repository_index"]
+__all__ = [
+    "merge_statistics",
+    "model_config",
+    "model_metadata",
+    "model_statistics",
+    "repository_index",
+]
 
 PLATFORM = "onnxruntime_onnx"
 
@@ -113,6 +119,45 @@ def model_statistics(models: list[ServedModel]) -> pb.ModelStatisticsResponse:
                 compute_output=_duration(batch.compute_output),
             )
     return response
+
+
+def _add_durations(total: pb.InferStatistics | pb.InferBatchStatistics, part: object) -> None:
+    """Add every StatisticDuration field of ``part`` to the same field of ``total``."""
+    for field in total.DESCRIPTOR.fields:
+        if field.message_type is pb.StatisticDuration.DESCRIPTOR:
+            into, value = getattr(total, field.name), getattr(part, field.name)
+            into.count += value.count
+            into.ns += value.ns
+
+
+def merge_statistics(parts: list[pb.ModelStatisticsResponse]) -> pb.ModelStatisticsResponse:
+    """Several workers' ModelStatistics as one server's.
+
+    Counts and durations are summed per version and batch size, the latest inference is kept,
+    and versions come in the order first seen.
+    """
+    merged = pb.ModelStatisticsResponse()
+    entries: dict[tuple[str, str], pb.ModelStatistics] = {}
+    batches: dict[tuple[str, str], dict[int, pb.InferBatchStatistics]] = {}
+    for part in parts:
+        for stats in part.model_stats:
+            key = (stats.name, stats.version)
+            if key not in entries:
+                entries[key] = merged.model_stats.add(name=stats.name, version=stats.version)
+                batches[key] = {}
+            entry = entries[key]
+            entry.last_inference = max(entry.last_inference, stats.last_inference)
+            entry.inference_count += stats.inference_count
+            entry.execution_count += stats.execution_count
+            _add_durations(entry.inference_stats, stats.inference_stats)
+            for batch in stats.batch_stats:
+                size = batches[key].setdefault(
+                    batch.batch_size, pb.InferBatchStatistics(batch_size=batch.batch_size)
+                )
+                _add_durations(size, batch)
+    for key, entry in entries.items():
+        entry.batch_stats.extend(batches[key][size] for size in sorted(batches[key]))
+    return merged
 
 
 def repository_index(repository: ModelRepository, ready_only: bool) -> pb.RepositoryIndexResponse:

@@ -19,8 +19,15 @@ from ._generated.inference import grpc_service_pb2_grpc as pb_grpc
 from .codec import decode_request, encode_response
 from .errors import FailedPrecondition, InvalidArgument, ModelNotFound, ServingError
 from .inference import DataPlane, Outcome
-from .kserve_messages import model_config, model_metadata, model_statistics, repository_index
+from .kserve_messages import (
+    merge_statistics,
+    model_config,
+    model_metadata,
+    model_statistics,
+    repository_index,
+)
 from .rpc import deadline_of, inference_rpc, rpc
+from .siblings import Siblings, wants_local_only
 
 __all__ = ["KServeServicer"]
 
@@ -40,12 +47,17 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     """See the module docstring."""
 
     def __init__(
-        self, plane: DataPlane, max_elements: int, repository_control: bool = True
+        self,
+        plane: DataPlane,
+        max_elements: int,
+        repository_control: bool = True,
+        siblings: Siblings | None = None,
     ) -> None:
         self._plane = plane
         self._repository = plane.repository
         self._max_elements = max_elements
         self._repository_control = repository_control
+        self._siblings = siblings  # the other workers (serve --workers), whose statistics add up
         self.loaded = False  # set by the server once the startup load has finished
 
     async def ServerLive(
@@ -105,7 +117,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise ModelNotFound(request.name)
         else:
             models = self._repository.served()
-        return model_statistics(models)
+        own = model_statistics(models)
+        if self._siblings is None or wants_local_only(context):
+            return own
+        parts = await self._siblings.statistics(request, context.time_remaining())
+        return merge_statistics([own, *parts])
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context

@@ -31,6 +31,7 @@ from .metrics import register_gpu_metrics, serve_metrics
 from .repository import ModelRepository
 from .runtime import DeviceChoice, available_cores
 from .settings import Settings
+from .siblings import Siblings, socket_path
 from .workers import WorkerRole
 
 __all__ = ["run_server"]
@@ -60,6 +61,25 @@ async def _watch_supervisor(role: WorkerRole, stop: asyncio.Event) -> None:
         await asyncio.sleep(1.0)
     log.error("worker %d: the supervisor is gone; draining", role.index)
     stop.set()
+
+
+def _listen(server: grpc.aio.Server, settings: Settings, role: WorkerRole | None) -> int:
+    """Bind the gRPC port, and a worker's own socket; the port, or 0 (logged) on failure.
+
+    The socket is where the other workers reach this one (see :mod:`service.siblings`); a
+    restarted worker finds its predecessor's socket file there.
+    """
+    port = int(server.add_insecure_port(f"{settings.host}:{settings.grpc_port}"))
+    if port == 0:
+        log.error("cannot listen on %s:%d", settings.host, settings.grpc_port)
+        return 0
+    if role is not None:
+        private = socket_path(role.folder, role.index)
+        private.unlink(missing_ok=True)
+        if not server.add_insecure_port(f"unix:{private}"):
+            log.error("cannot listen on unix:%s", private)
+            return 0
+    return port
 
 
 async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
@@ -95,8 +115,12 @@ async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
         settings.model_repository, settings, device, executor, health.model
     )
     plane = DataPlane(repository)
+    siblings = None if role is None else Siblings(role.folder, role.index, settings.workers)
     kserve = KServeServicer(
-        plane, settings.max_tensor_elements, repository_control=settings.workers == 1
+        plane,
+        settings.max_tensor_elements,
+        repository_control=settings.workers == 1,
+        siblings=siblings,
     )
     decoders = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="decode")
     classifier = ClassifierServicer(
@@ -118,9 +142,8 @@ async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
         ],
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    port = _listen(server, settings, role)
     if port == 0:
-        log.error("cannot listen on %s:%d", settings.host, settings.grpc_port)
         return 2
     await health.starting()
     await server.start()

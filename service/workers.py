@@ -17,6 +17,9 @@ started) starts N ordinary ``convserve serve`` processes that each bind the gRPC
   exits 0 once they all have.
 
 Workers refuse model load and unload over gRPC: one worker cannot change the others' models.
+ModelStatistics answers for the whole server: the worker a request reaches adds up its siblings'
+figures, asked over a Unix socket each worker keeps in the supervisor's folder
+(:mod:`service.siblings`).
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ class WorkerRole:
     index: int
     ready_file: Path
     parent: int
+
+    @property
+    def folder(self) -> Path:
+        """The supervisor's folder, shared by its workers (ready files, sockets, metrics)."""
+        return self.ready_file.parent
 
     def mark_ready(self) -> None:
         """Tell the supervisor that every model is loaded and warm."""

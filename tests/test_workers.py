@@ -24,6 +24,7 @@ from service.server_process import ServerProcess
 
 MODEL = BUNDLED_REPOSITORY / "digits" / "1" / "model.onnx"
 CONNECTIONS = 16
+LOCAL_ONLY = {"convserve-worker-local": "1"}  # the documented header (service/siblings.py)
 
 
 def own_connection(address: str) -> triton.InferenceServerClient:
@@ -58,6 +59,12 @@ def worker_pids(server: ServerProcess) -> dict[int, int]:
     }
 
 
+def field(message: object, dotted: str) -> int:
+    for name in dotted.split("."):
+        message = getattr(message, name)
+    return int(message)  # type: ignore[call-overload]
+
+
 def alive(pid: int) -> bool:
     try:
         return "zombie" not in Path(f"/proc/{pid}/status").read_text()
@@ -88,15 +95,33 @@ def test_requests_spread_over_workers_and_metrics_add_up(workers: ServerProcess)
             got = client.infer("digits", [digits_input(x)]).as_numpy("logits")
             np.testing.assert_allclose(got, session.run(None, {"input": x})[0], atol=1e-5)
             sent += 1
-    # Each connection's statistics are those of the worker that holds it: if both workers
-    # served, the counts seen are two partial totals; if one served all, every count is `sent`.
-    counts = {
-        int(c.get_inference_statistics("digits").model_stats[0].inference_count) for c in clients
-    }
+    # With the local-only mark, a connection sees the part of the worker that holds it: two
+    # partial totals if both workers served (the same one twice if they served equally).
+    parts = {}
+    for client in clients:
+        own = client.get_inference_statistics("digits", headers=LOCAL_ONLY)
+        parts[own.model_stats[0].inference_count] = own.model_stats[0]
+    assert max(parts) < sent, f"one worker took all {CONNECTIONS} connections"
+    if len(parts) == 1:
+        parts[-1] = next(iter(parts.values()))
+    assert len(parts) == 2 and sum(p.inference_count for p in parts.values()) == sent
+    # Without it, every worker answers for the whole server: its siblings' parts added up.
+    for client in clients:
+        whole = client.get_inference_statistics("digits").model_stats[0]
+        assert whole.inference_count == sent
+        summed = ("execution_count", "inference_stats.success.count", "inference_stats.queue.ns")
+        for name in summed:
+            assert field(whole, name) == sum(field(p, name) for p in parts.values()), name
+        assert whole.last_inference == max(p.last_inference for p in parts.values())
+        sizes = {b.batch_size for p in parts.values() for b in p.batch_stats}
+        assert [b.batch_size for b in whole.batch_stats] == sorted(sizes)
+        for batch in whole.batch_stats:
+            size = batch.batch_size
+            same = [b for p in parts.values() for b in p.batch_stats if b.batch_size == size]
+            assert batch.compute_infer.count == sum(b.compute_infer.count for b in same)
+            assert batch.compute_infer.ns == sum(b.compute_infer.ns for b in same)
     for client in clients:
         client.close()
-    assert max(counts) < sent, f"one worker took all {CONNECTIONS} connections"
-    assert sum(counts) == sent or (len(counts) == 1 and 2 * counts.pop() == sent)
     after = scrape(workers.metrics_url)
     assert after[ok] - before.get(ok, 0.0) == sent  # summed over both workers' files
     assert after["convserve_workers{}"] == 2
@@ -119,6 +144,21 @@ def test_model_control_is_refused_with_a_reason(workers: ServerProcess) -> None:
 def test_a_dead_worker_is_replaced_and_service_goes_on(workers: ServerProcess) -> None:
     pid = worker_pids(workers)[0]
     os.kill(pid, signal.SIGKILL)
+    while alive(pid):
+        time.sleep(0.05)
+    # Until it is back, the server's statistics cannot be whole: the survivor says so rather
+    # than answer with its own part (its replacement takes seconds to load the models).
+    refusals = []
+    for _ in range(10):  # a connection that raced the dead listener is reset: try another
+        client = own_connection(workers.grpc_address)
+        with pytest.raises(InferenceServerException) as error:
+            client.get_inference_statistics("digits")
+        client.close()
+        assert error.value.status() == "StatusCode.UNAVAILABLE"
+        refusals.append(error.value.message())
+        if "worker 0 did not report its statistics" in refusals[-1]:
+            break
+    assert "worker 0 did not report its statistics" in refusals[-1], refusals
     restarting = "worker 0 exited with code -9; restarting it"
     deadline = time.monotonic() + 60
     while (
@@ -135,6 +175,8 @@ def test_a_dead_worker_is_replaced_and_service_goes_on(workers: ServerProcess) -
     for _ in range(CONNECTIONS):  # new connections reach both workers, the new one included
         client = own_connection(workers.grpc_address)
         assert client.infer("digits", [digits_input(x)]).as_numpy("logits").shape == (1, 10)
+        # The replacement answers its siblings again; its own figures start from zero.
+        assert client.get_inference_statistics("digits").model_stats[0].inference_count > 0
         client.close()
 
 

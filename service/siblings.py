@@ -1,0 +1,92 @@
+"""The other workers of one ``serve --workers N`` supervisor, asked over their own sockets.
+
+The shared port cannot reach a chosen worker (the kernel gives each connection to one of them),
+so every worker also listens on a Unix socket of its own in the supervisor's folder. A request
+that must describe the whole server (ModelStatistics) is answered by whichever worker it
+reaches: that worker asks each sibling for its own part, marked :data:`LOCAL_ONLY` so the
+sibling does not ask in turn, and merges the parts. A client may send the same mark to see the
+part of the worker holding its connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+
+from ._generated.inference import grpc_service_pb2 as pb
+from ._generated.inference import grpc_service_pb2_grpc as pb_grpc
+from .errors import Unavailable
+
+__all__ = ["LOCAL_ONLY", "Siblings", "socket_path", "wants_local_only"]
+
+LOCAL_ONLY = ("convserve-worker-local", "1")
+"""Request metadata: answer with this worker's own figures, without asking its siblings."""
+FRESH = (("grpc.use_local_subchannel_pool", 1),)
+"""Channel option: a connection of the channel's own (the process-wide pool would hand a new
+channel the connection that failed while a sibling was down, backing off for seconds)."""
+ASK_SECONDS = 5.0
+"""How long a sibling may take to answer when the client set no (shorter) deadline."""
+
+
+def socket_path(folder: Path, index: int) -> Path:
+    """Where worker ``index`` of the supervisor owning ``folder`` listens for its siblings."""
+    return folder / f"worker-{index}.sock"
+
+
+def wants_local_only(context: grpc.aio.ServicerContext) -> bool:
+    """True when the caller asked for this worker's own figures (:data:`LOCAL_ONLY`)."""
+    return any((key, value) == LOCAL_ONLY for key, value in context.invocation_metadata() or ())
+
+
+class Siblings:
+    """The other workers' sockets.
+
+    Each question opens fresh channels with connections of their own: a Unix socket connects in
+    well under a millisecond, and a kept connection to a sibling that died would sit in
+    reconnect backoff for seconds after its replacement is listening.
+    """
+
+    def __init__(self, folder: Path, own: int, workers: int) -> None:
+        self._sockets = {
+            index: socket_path(folder, index) for index in range(workers) if index != own
+        }
+
+    async def statistics(
+        self, request: pb.ModelStatisticsRequest, remaining: float | None
+    ) -> list[pb.ModelStatisticsResponse]:
+        """Every sibling's own ModelStatistics for ``request``.
+
+        Raises:
+            Unavailable: a sibling did not answer (it may be restarting); the totals would be
+                short, so none are given.
+        """
+        timeout = ASK_SECONDS if remaining is None else min(ASK_SECONDS, remaining)
+        channels = {
+            index: grpc.aio.insecure_channel(f"unix:{path}", options=FRESH)
+            for index, path in self._sockets.items()
+        }
+        try:
+            answers = await asyncio.gather(
+                *(
+                    pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(  # type: ignore[no-untyped-call]
+                        request, metadata=(LOCAL_ONLY,), timeout=timeout
+                    )
+                    for channel in channels.values()
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            await asyncio.gather(*(channel.close() for channel in channels.values()))
+        parts = []
+        for index, answer in zip(channels, answers, strict=True):
+            if isinstance(answer, grpc.aio.AioRpcError):
+                raise Unavailable(
+                    f"worker {index} did not report its statistics ({answer.code().name}: "
+                    f"{answer.details()}); the server's totals need every worker's, retry"
+                )
+            if isinstance(answer, BaseException):
+                raise answer
+            parts.append(answer)
+        return parts
