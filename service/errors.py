@@ -10,12 +10,12 @@ import grpc
 
 __all__ = [
     "DeadlineExceeded",
-    "FailedPrecondition",
     "InvalidArgument",
     "ModelLoadFailed",
     "ModelNotFound",
     "ResourceExhausted",
     "ServingError",
+    "SiblingFailed",
     "Unavailable",
 ]
 
@@ -64,10 +64,12 @@ class Unavailable(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class FailedPrecondition(ServingError):
-    """The server's state does not allow the operation (the message says how to get there)."""
+class SiblingFailed(ServingError):
+    """Another worker of ``serve --workers`` refused what this one did; its status is passed on."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ModelLoadFailed(ServingError):

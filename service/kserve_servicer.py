@@ -17,7 +17,7 @@ from . import __version__
 from ._generated.inference import grpc_service_pb2 as pb
 from ._generated.inference import grpc_service_pb2_grpc as pb_grpc
 from .codec import decode_request, encode_response
-from .errors import FailedPrecondition, InvalidArgument, ModelNotFound, ServingError
+from .errors import InvalidArgument, ModelNotFound, ServingError
 from .inference import DataPlane, Outcome
 from .kserve_messages import (
     merge_statistics,
@@ -50,14 +50,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self,
         plane: DataPlane,
         max_elements: int,
-        repository_control: bool = True,
         siblings: Siblings | None = None,
     ) -> None:
         self._plane = plane
         self._repository = plane.repository
         self._max_elements = max_elements
-        self._repository_control = repository_control
-        self._siblings = siblings  # the other workers (serve --workers), whose statistics add up
+        # The other workers (serve --workers): statistics add up, model control is repeated.
+        self._siblings = siblings
         self.loaded = False  # set by the server once the startup load has finished
 
     async def ServerLive(
@@ -132,30 +131,24 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        self._check_repository_control("load")
         if request.parameters:
             raise InvalidArgument(
                 "load parameters (config overrides, model files) are not "
                 "supported; place the files in the repository"
             )
         await self._repository.load(request.model_name)
+        if self._siblings is not None and not wants_local_only(context):
+            await self._siblings.repeat("RepositoryModelLoad", request, context.time_remaining())
         return pb.RepositoryModelLoadResponse()
 
     @rpc
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        self._check_repository_control("unload")
         await self._repository.unload(request.model_name)
+        if self._siblings is not None and not wants_local_only(context):
+            await self._siblings.repeat("RepositoryModelUnload", request, context.time_remaining())
         return pb.RepositoryModelUnloadResponse()
-
-    def _check_repository_control(self, action: str) -> None:
-        if not self._repository_control:
-            raise FailedPrecondition(
-                f"model {action} is disabled: this server runs several worker processes "
-                "(--workers) and one cannot change the others' models; change the repository "
-                "and restart, or run with --workers 1"
-            )
 
     @inference_rpc("kserve")
     async def ModelInfer(

@@ -199,10 +199,13 @@ class ModelRepository:
         return name.removesuffix(DENSE_SUFFIX) if name.endswith(DENSE_SUFFIX) else name
 
     # -- loading ---------------------------------------------------------------------------------
-    async def load_all(self) -> list[str]:
-        """Load every model on disk; returns the names that failed (with reasons logged)."""
+    async def load_all(self, only: Sequence[str] | None = None) -> list[str]:
+        """Load every model on disk, or the folders in ``only``; returns those that failed.
+
+        Each failure's reason is logged.
+        """
         failed = []
-        for logical in self.on_disk():
+        for logical in self.on_disk() if only is None else only:
             try:
                 await self.load(logical)
             except ServingError as exc:
@@ -368,6 +371,7 @@ class ModelRepository:
         async with self._locks.setdefault(logical, asyncio.Lock()):
             await self._swap(logical, [])
             self._state[logical] = ("UNAVAILABLE", "unloaded")
+        log.info("unloaded %s", logical)
 
     async def close(self) -> None:
         """Drain every batcher, then stop the runtimes' threads (at shutdown)."""

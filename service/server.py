@@ -82,6 +82,23 @@ def _listen(server: grpc.aio.Server, settings: Settings, role: WorkerRole | None
     return port
 
 
+async def _load_models(
+    repository: ModelRepository, role: WorkerRole | None, siblings: Siblings | None
+) -> list[str]:
+    """Load the models; returns the names that failed.
+
+    Every model on disk, except that a replacement worker loads what its siblings serve now, so
+    a load or unload over gRPC since the start holds for it too.
+    """
+    if role is None or siblings is None or not role.replacement:
+        return await repository.load_all()
+    served = await siblings.serving()
+    if served is None:
+        log.warning("no other worker said what it serves; loading every model on disk")
+        return await repository.load_all()
+    return await repository.load_all(sorted({repository.logical_name(n) for n in served}))
+
+
 async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code.
 
@@ -119,7 +136,6 @@ async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
     kserve = KServeServicer(
         plane,
         settings.max_tensor_elements,
-        repository_control=settings.workers == 1,
         siblings=siblings,
     )
     decoders = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="decode")
@@ -149,7 +165,7 @@ async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
     await server.start()
     log.info("grpc listening on %s:%d", settings.host, port)
     try:
-        failed = await repository.load_all()
+        failed = await _load_models(repository, role, siblings)
     except BaseException:
         await server.stop(0)
         raise

@@ -83,8 +83,8 @@ class Settings:
     workers: int = _setting(
         1,
         "server processes sharing the gRPC port (SO_REUSEPORT; connections are spread over "
-        "them), each with its own copy of every model; metrics are aggregated; model load and "
-        "unload over gRPC are refused when above 1",
+        "them), each with its own copy of every model; they answer as one server (metrics and "
+        "statistics summed, model load and unload repeated on every worker)",
     )
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ import grpc
 
 from ._generated.inference import grpc_service_pb2 as pb
 from ._generated.inference import grpc_service_pb2_grpc as pb_grpc
-from .errors import Unavailable
+from .errors import SiblingFailed, Unavailable
 
 __all__ = ["LOCAL_ONLY", "Siblings", "socket_path", "wants_local_only"]
 
@@ -53,6 +53,33 @@ class Siblings:
             index: socket_path(folder, index) for index in range(workers) if index != own
         }
 
+    async def _ask(
+        self, method: str, request: object, timeout: float | None
+    ) -> dict[int, object | grpc.aio.AioRpcError]:
+        """Every sibling's answer to ``method`` (marked LOCAL_ONLY), or the error it gave."""
+        channels = {
+            index: grpc.aio.insecure_channel(f"unix:{path}", options=FRESH)
+            for index, path in self._sockets.items()
+        }
+        try:
+            answers = await asyncio.gather(
+                *(
+                    getattr(pb_grpc.GRPCInferenceServiceStub(channel), method)(  # type: ignore[no-untyped-call]
+                        request, metadata=(LOCAL_ONLY,), timeout=timeout
+                    )
+                    for channel in channels.values()
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            await asyncio.gather(*(channel.close() for channel in channels.values()))
+        found: dict[int, object | grpc.aio.AioRpcError] = {}
+        for index, answer in zip(channels, answers, strict=True):
+            if isinstance(answer, BaseException) and not isinstance(answer, grpc.aio.AioRpcError):
+                raise answer
+            found[index] = answer
+        return found
+
     async def statistics(
         self, request: pb.ModelStatisticsRequest, remaining: float | None
     ) -> list[pb.ModelStatisticsResponse]:
@@ -63,30 +90,48 @@ class Siblings:
                 short, so none are given.
         """
         timeout = ASK_SECONDS if remaining is None else min(ASK_SECONDS, remaining)
-        channels = {
-            index: grpc.aio.insecure_channel(f"unix:{path}", options=FRESH)
-            for index, path in self._sockets.items()
-        }
-        try:
-            answers = await asyncio.gather(
-                *(
-                    pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(  # type: ignore[no-untyped-call]
-                        request, metadata=(LOCAL_ONLY,), timeout=timeout
-                    )
-                    for channel in channels.values()
-                ),
-                return_exceptions=True,
-            )
-        finally:
-            await asyncio.gather(*(channel.close() for channel in channels.values()))
         parts = []
-        for index, answer in zip(channels, answers, strict=True):
+        for index, answer in (await self._ask("ModelStatistics", request, timeout)).items():
             if isinstance(answer, grpc.aio.AioRpcError):
                 raise Unavailable(
                     f"worker {index} did not report its statistics ({answer.code().name}: "
                     f"{answer.details()}); the server's totals need every worker's, retry"
                 )
-            if isinstance(answer, BaseException):
-                raise answer
+            assert isinstance(answer, pb.ModelStatisticsResponse)
             parts.append(answer)
         return parts
+
+    async def repeat(self, method: str, request: object, remaining: float | None) -> None:
+        """Have every sibling do what this worker has just done (model load or unload).
+
+        Without a client deadline this waits as long as the siblings' loads take, as the
+        worker's own load did.
+
+        Raises:
+            SiblingFailed: with the first failing sibling's status; the message names each
+                failing worker and its reason (the others, this one included, went ahead).
+        """
+        answers = await self._ask(method, request, remaining)
+        failed = {
+            index: answer
+            for index, answer in answers.items()
+            if isinstance(answer, grpc.aio.AioRpcError)
+        }
+        if failed:
+            reasons = "; ".join(
+                f"worker {index}: {error.code().name}: {error.details()}"
+                for index, error in sorted(failed.items())
+            )
+            raise SiblingFailed(
+                failed[min(failed)].code(),
+                f"{method} failed on {len(failed)} of {len(answers) + 1} workers ({reasons}); "
+                "the other workers went ahead",
+            )
+
+    async def serving(self) -> list[str] | None:
+        """The model names a sibling serves now (for a replacement worker); None if none says."""
+        request = pb.RepositoryIndexRequest(ready=True)
+        for _, answer in sorted((await self._ask("RepositoryIndex", request, ASK_SECONDS)).items()):
+            if isinstance(answer, pb.RepositoryIndexResponse):
+                return sorted({model.name for model in answer.models})
+        return None

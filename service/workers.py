@@ -16,10 +16,10 @@ started) starts N ordinary ``convserve serve`` processes that each bind the gRPC
 * on SIGTERM or SIGINT passes SIGTERM on, so every worker drains as a single server does, and
   exits 0 once they all have.
 
-Workers refuse model load and unload over gRPC: one worker cannot change the others' models.
-ModelStatistics answers for the whole server: the worker a request reaches adds up its siblings'
-figures, asked over a Unix socket each worker keeps in the supervisor's folder
-(:mod:`service.siblings`).
+The workers answer as one server (:mod:`service.siblings`; each worker also keeps a Unix socket
+in the supervisor's folder): ModelStatistics adds up every worker's figures, a model load or
+unload is repeated on every worker, and a replacement worker loads the models its siblings serve
+now rather than every model on disk.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 WORKER_ENV = "CONVSERVE_INTERNAL_WORKER_INDEX"
 READY_FILE_ENV = "CONVSERVE_INTERNAL_READY_FILE"
+REPLACEMENT_ENV = "CONVSERVE_INTERNAL_REPLACEMENT"
 RESTARTS_ALLOWED = 5
 """Restarts within RESTART_WINDOW_SECONDS before the supervisor gives up."""
 RESTART_WINDOW_SECONDS = 60.0
@@ -62,6 +63,7 @@ class WorkerRole:
     index: int
     ready_file: Path
     parent: int
+    replacement: bool = False  # started in place of a worker that died: load what siblings serve
 
     @property
     def folder(self) -> Path:
@@ -83,7 +85,8 @@ def worker_role() -> WorkerRole | None:
     ready = os.environ.get(READY_FILE_ENV)
     if index is None or ready is None:
         return None
-    return WorkerRole(int(index), Path(ready), os.getppid())
+    replacement = os.environ.get(REPLACEMENT_ENV) == "1"
+    return WorkerRole(int(index), Path(ready), os.getppid(), replacement)
 
 
 @dataclass
@@ -112,7 +115,7 @@ class _Supervisor:
     def registry_folder(self) -> str:
         return str(self._metrics_folder)
 
-    def start(self, index: int) -> None:
+    def start(self, index: int, replacement: bool = False) -> None:
         ready_file = self._folder / f"ready-{index}"
         ready_file.unlink(missing_ok=True)
         env = {
@@ -122,6 +125,7 @@ class _Supervisor:
             "PROMETHEUS_MULTIPROC_DIR": str(self._metrics_folder),
             WORKER_ENV: str(index),
             READY_FILE_ENV: str(ready_file),
+            REPLACEMENT_ENV: "1" if replacement else "0",
         }
         process = subprocess.Popen([sys.executable, "-m", "service", "serve"], env=env)
         self._workers[index] = _Worker(index, process, ready_file)
@@ -160,7 +164,7 @@ class _Supervisor:
                     return 1
                 log.error("worker %d exited with code %d; restarting it", worker.index, code)
                 self.counts.restarts += 1
-                self.start(worker.index)
+                self.start(worker.index, replacement=True)
             if not announced and all(w.ready for w in self._workers.values()):
                 announced = True
                 log.info(

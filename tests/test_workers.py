@@ -130,18 +130,48 @@ def test_requests_spread_over_workers_and_metrics_add_up(workers: ServerProcess)
     assert after["convserve_inflight_requests{}"] == 0
 
 
-def test_model_control_is_refused_with_a_reason(workers: ServerProcess) -> None:
+def logged_after(server: ServerProcess, start: int, *lines: str) -> str:
+    """The server's log from ``start`` (characters) once it holds every line (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while not all(line in server.log()[start:] for line in lines):
+        assert time.monotonic() < deadline, server.log()[start:]
+        time.sleep(0.05)
+    return server.log()[start:]
+
+
+def test_model_control_reaches_every_worker(workers: ServerProcess) -> None:
     client = own_connection(workers.grpc_address)
-    for call in (client.load_model, client.unload_model):
-        with pytest.raises(InferenceServerException) as error:
-            call("digits")
-        assert error.value.status() == "StatusCode.FAILED_PRECONDITION"
-        assert "--workers" in error.value.message()
-    assert client.is_model_ready("digits")  # the refusal changed nothing
+    start = len(workers.log())
+    client.unload_model("digits")  # one connection, one worker: it repeats the call to the other
+    logged_after(
+        workers, start, *(f"worker-{i} service.repository: unloaded digits" for i in (0, 1))
+    )
+    for _ in range(CONNECTIONS):  # whichever worker a connection reaches
+        other = own_connection(workers.grpc_address)
+        assert not other.is_model_ready("digits")
+        other.close()
+    start = len(workers.log())
+    client.load_model("digits")
+    logged_after(
+        workers, start, *(f"worker-{i} service.repository: loaded digits v1" for i in (0, 1))
+    )
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    for _ in range(CONNECTIONS):
+        other = own_connection(workers.grpc_address)
+        assert other.infer("digits", [digits_input(x)]).as_numpy("logits").shape == (1, 10)
+        other.close()
+    # A model no worker has fails on the first one, with its own status.
+    with pytest.raises(InferenceServerException) as error:
+        client.load_model("no_such_model")
+    assert error.value.status() == "StatusCode.NOT_FOUND"
     client.close()
 
 
 def test_a_dead_worker_is_replaced_and_service_goes_on(workers: ServerProcess) -> None:
+    # Unloaded over gRPC before the death: the replacement must not bring it back from disk.
+    client = own_connection(workers.grpc_address)
+    client.unload_model("digits")
+    client.close()
     pid = worker_pids(workers)[0]
     os.kill(pid, signal.SIGKILL)
     while alive(pid):
@@ -152,7 +182,7 @@ def test_a_dead_worker_is_replaced_and_service_goes_on(workers: ServerProcess) -
     for _ in range(10):  # a connection that raced the dead listener is reset: try another
         client = own_connection(workers.grpc_address)
         with pytest.raises(InferenceServerException) as error:
-            client.get_inference_statistics("digits")
+            client.get_inference_statistics()  # every model served (none here, but ask)
         client.close()
         assert error.value.status() == "StatusCode.UNAVAILABLE"
         refusals.append(error.value.message())
@@ -168,6 +198,10 @@ def test_a_dead_worker_is_replaced_and_service_goes_on(workers: ServerProcess) -
         assert time.monotonic() < deadline, workers.log()
         time.sleep(0.2)
     assert worker_pids(workers)[0] != pid and not alive(pid)
+    assert "worker 0 is ready with no models" in workers.log().split(restarting)[-1]
+    client = own_connection(workers.grpc_address)
+    client.load_model("digits")  # on both workers, the replacement included
+    client.close()
     samples = scrape(workers.metrics_url)
     assert samples["convserve_worker_restarts_total{}"] == 1
     assert samples["convserve_workers{}"] == 2
