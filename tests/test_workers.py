@@ -237,3 +237,60 @@ def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None
     assert "model 'broken' failed to load: " in result.stderr
     assert "before it was ready; stopping" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+SIBLING = """
+import asyncio, sys, tempfile
+from pathlib import Path
+
+import grpc
+
+from service._generated.inference import grpc_service_pb2 as pb
+from service._generated.inference import grpc_service_pb2_grpc as pb_grpc
+from service.errors import SiblingFailed, Unavailable
+from service.siblings import Siblings, socket_path
+
+
+class Refusing(pb_grpc.GRPCInferenceServiceServicer):
+    async def RepositoryModelLoad(self, request, context):
+        marked = dict(context.invocation_metadata()).get("convserve-worker-local")
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"no {request.model_name} here ({marked})")
+
+
+async def main():
+    folder = Path(tempfile.mkdtemp())
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Refusing(), server)
+    server.add_insecure_port(f"unix:{socket_path(folder, 1)}")  # worker 1; worker 2 never starts
+    await server.start()
+    siblings = Siblings(folder, 0, 3)
+    request = pb.RepositoryModelLoadRequest(model_name="lenet")
+    try:
+        await siblings.repeat("RepositoryModelLoad", request, 5.0)
+    except SiblingFailed as exc:
+        print(exc.code.name, exc.message)
+    try:
+        await siblings.statistics(pb.ModelStatisticsRequest(), 5.0)
+    except Unavailable as exc:
+        print("UNAVAILABLE", exc.message)
+    print(await siblings.serving())
+    await server.stop(0)
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_sibling_refusal_comes_back_with_its_status() -> None:
+    # A real gRPC server on a worker's socket that refuses loads, and a worker with no socket.
+    result = subprocess.run(
+        [sys.executable, "-c", SIBLING], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    refused, unavailable, serving = result.stdout.splitlines()
+    # The first failing worker's status; the message names each failing worker and why.
+    assert refused.startswith("NOT_FOUND RepositoryModelLoad failed on 2 of 3 workers")
+    assert "worker 1: NOT_FOUND: no lenet here (1)" in refused  # asked with the local-only mark
+    assert "worker 2: UNAVAILABLE" in refused
+    assert unavailable.startswith("UNAVAILABLE worker 1 did not report its statistics")
+    assert serving == "None"  # nobody said what it serves
