@@ -757,14 +757,27 @@ def _server(args: argparse.Namespace, server_args: list[str]) -> ServerProcess |
     return ServerProcess(args.model_repository, *server_args)
 
 
+def _refusal(args: argparse.Namespace, path: Path) -> str | None:
+    """Why the arguments cannot make a benchmark, or None."""
+    if not path.is_file():
+        return f"{path} does not exist"
+    if args.server and (args.floor or args.compare_batching):
+        return (
+            "--floor and --compare-batching start servers on this machine to measure beside "
+            "the one under test, so they need the bench to start that one too (leave out "
+            "--server)"
+        )
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``bench`` command."""
     seconds = 1.0 if args.smoke else args.duration
     concurrency = [1, 4] if args.smoke else args.concurrency
     batches = [1, 8] if args.smoke else args.batch_sizes
     path = args.model_repository / args.model / str(args.version) / "model.onnx"
-    if not path.is_file():
-        print(f"convserve bench: error: {path} does not exist", file=sys.stderr)
+    if problem := _refusal(args, path):
+        print(f"convserve bench: error: {problem}", file=sys.stderr)
         return 1
     server_args = [
         "--device",

@@ -139,3 +139,17 @@ def test_a_load_step_reports_what_the_server_did(generator: str, server: str) ->
     # Refused requests are errors, though h2load itself only sees HTTP 200 (gRPC statuses travel
     # in trailers): the server's own failure count says so.
     assert bad["errors"] > 0
+
+
+@pytest.mark.parametrize("comparison", ["--floor", "--compare-batching"])
+def test_comparisons_refuse_a_server_started_elsewhere(comparison: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "bench", "--server", "127.0.0.1:1", comparison],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "leave out --server" in result.stderr
