@@ -151,16 +151,21 @@ class Classification:
         return twin
 
     # -- preprocessing -----------------------------------------------------------------------------
-    def _decode(self, model: ServedModel, image: ImageInput) -> Image.Image:
-        pre = model.info.preprocess
-        if pre is None:
+    def _open(self, model: ServedModel, image: ImageInput) -> Image.Image:
+        """An encoded image's header, read and checked against the limits (nothing decoded)."""
+        if model.info.preprocess is None:
             raise InvalidArgument(
                 f"model '{model.name}' has no preprocessing metadata; send "
                 "a preprocessed tensor instead of encoded bytes"
             )
         if image.encoded is None:
             raise InvalidArgument("image has neither encoded bytes nor a tensor")
-        return images.decode(image.encoded, self._limits, pre.color)
+        return images.open_image(image.encoded, self._limits)
+
+    def _decode(self, model: ServedModel, image: ImageInput) -> Image.Image:
+        opened = self._open(model, image)
+        assert model.info.preprocess is not None  # checked by _open
+        return images.load(opened, model.info.preprocess.color)
 
     def _check_tensor(
         self, model: ServedModel, tensor: np.ndarray, window: tuple[int, ...] | None
@@ -179,29 +184,44 @@ class Classification:
             )
         return tensor
 
-    def _classify_tensor(self, model: ServedModel, image: ImageInput) -> np.ndarray:
-        if image.tensor is not None:
+    def _classify_tensor(
+        self, model: ServedModel, image: ImageInput, opened: Image.Image | None
+    ) -> np.ndarray:
+        """The network's input for one image: a checked tensor, or ``opened`` decoded."""
+        if opened is None:
+            assert image.tensor is not None
             window = tuple(d for d in model.inputs[0].shape[2:])
             return self._check_tensor(model, image.tensor, window)
-        decoded = self._decode(model, image)
         info = model.info
-        assert info.preprocess is not None
+        assert info.preprocess is not None  # checked when it was opened
         if info.window is None or len(info.window) != 2:
             raise InvalidArgument(f"model '{model.name}' does not describe a 2-D input window")
+        decoded = images.load(opened, info.preprocess.color)
         return images.to_tensor(decoded, info.preprocess, (info.window[0], info.window[1]))
 
     async def _tensors(self, model: ServedModel, inputs: Sequence[ImageInput]) -> list[np.ndarray]:
-        """Every image as the network's input: tiny ones here, the rest on decoding threads."""
-        tiny = [_tiny(image) for image in inputs]
+        """Every image as the network's input: tiny ones here, the rest on decoding threads.
+
+        Every header is read here first (each is read once), so a refused image costs no hop.
+        """
+        opened = [
+            None if image.tensor is not None else self._open(model, image) for image in inputs
+        ]
+        tiny = [o is None or o.width * o.height <= INLINE_PIXELS for o in opened]
         tensors = {
-            index: self._classify_tensor(model, image)
-            for index, image in enumerate(inputs)
+            index: self._classify_tensor(model, inputs[index], opened[index])
+            for index in range(len(inputs))
             if tiny[index]
         }
-        # Started only now, so a tiny image's error above leaves no coroutine never awaited.
         threaded = [index for index in range(len(inputs)) if not tiny[index]]
+        if not threaded:
+            return [tensors[index] for index in range(len(inputs))]
+        # Started only now, so a tiny image's error above leaves no coroutine never awaited.
         done = await asyncio.gather(
-            *(self._off_loop(self._classify_tensor, model, inputs[index]) for index in threaded)
+            *(
+                self._off_loop(self._classify_tensor, model, inputs[index], opened[index])
+                for index in threaded
+            )
         )
         tensors.update(zip(threaded, done, strict=True))
         return [tensors[index] for index in range(len(inputs))]
@@ -248,13 +268,15 @@ class Classification:
     ) -> np.ndarray:
         """Run more rows than one request may carry, as several requests of one model."""
         step = model.max_batch_size or 1
+        if len(batch) <= step:  # awaited in place: a gathered task costs two turns of the loop
+            return await self._run(model, batch, deadline, outcome)
         parts = await asyncio.gather(
             *(
                 self._run(model, batch[i : i + step], deadline, outcome)
                 for i in range(0, len(batch), step)
             )
         )
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return np.concatenate(parts)
 
     # -- ClassifyDense --------------------------------------------------------------------
     def _check_query(self, query: DenseQuery) -> None:
@@ -405,14 +427,6 @@ class Classification:
         windows = dense.crops(scaled, geometry.window, geometry.stride, query.divisor, counts)
         scores = await self._batched(classifier, windows, deadline, outcome)  # [cells, K]
         return dense.softmax(np.ascontiguousarray(scores.T).reshape(scores.shape[1], *counts))
-
-
-def _tiny(image: ImageInput) -> bool:
-    """A tensor (only its shape is checked), or an encoded image of at most INLINE_PIXELS."""
-    if image.encoded is None:
-        return True
-    pixels = images.declared_pixels(image.encoded)
-    return pixels is not None and pixels <= INLINE_PIXELS
 
 
 def _prepare(image: Image.Image, scale: float, info: ModelInfo) -> np.ndarray:

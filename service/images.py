@@ -1,9 +1,11 @@
 """Encoded images to the network's input tensor, with every limit checked before decoding.
 
-Large images are decoded off the event loop (Pillow releases the GIL while decoding); tiny ones
-on it, where the hop to a thread would cost more than the decoding. The encoded size is checked
-before Pillow sees the bytes, and the pixel count from the header before any pixel is decoded,
-so a decompression bomb costs nothing.
+Reading the header (:func:`open_image`) and decoding the pixels (:func:`load`) are separate
+steps, so a caller reads the size once and then chooses where to decode: large images off the
+event loop (Pillow releases the GIL while decoding), tiny ones on it, where the hop to a thread
+would cost more than the decoding. The encoded size is checked before Pillow sees the bytes,
+and the pixel count from the header before any pixel is decoded, so a decompression bomb costs
+nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import InvalidArgument, ResourceExhausted
 from .model_info import Preprocess
 
-__all__ = ["ImageLimits", "declared_pixels", "decode", "to_tensor"]
+__all__ = ["ImageLimits", "decode", "load", "open_image", "to_tensor"]
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 Image.MAX_IMAGE_PIXELS = None  # our own, clearer check below replaces Pillow's warning
@@ -32,25 +34,15 @@ class ImageLimits:
     max_pixels: int
 
 
-def declared_pixels(data: bytes) -> int | None:
-    """The pixel count an image's header declares (nothing is decoded), or None if unreadable.
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Read an encoded image's header, checking the limits; no pixel is decoded yet.
 
-    Tens of microseconds: Pillow opens lazily. Lets a caller judge the work before deciding
-    where to decode; :func:`decode` still checks everything itself.
-    """
-    try:
-        width, height = Image.open(io.BytesIO(data), formats=FORMATS).size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return None
-    return int(width * height)
-
-
-def decode(data: bytes, limits: ImageLimits, color: str) -> Image.Image:
-    """Decode JPEG, PNG, WebP or BMP bytes into a ``color`` ("RGB" or "L") image.
+    Tens of microseconds (Pillow opens lazily), so a caller can judge the work by the size
+    before choosing where :func:`load` decodes it.
 
     Raises:
-        ResourceExhausted: the encoded bytes or the decoded pixel count exceed the limits.
-        InvalidArgument: empty, corrupt, truncated or unsupported image data.
+        ResourceExhausted: the encoded bytes or the declared pixel count exceed the limits.
+        InvalidArgument: empty, unreadable or unsupported image data, or a broken header.
     """
     if len(data) > limits.max_bytes:
         raise ResourceExhausted(
@@ -70,6 +62,15 @@ def decode(data: bytes, limits: ImageLimits, color: str) -> Image.Image:
             f"image is {width}x{height} = {width * height} pixels; the server accepts at most "
             f"{limits.max_pixels}"
         )
+    return image
+
+
+def load(image: Image.Image, color: str) -> Image.Image:
+    """Decode the pixels of an image from :func:`open_image` into ``color`` ("RGB" or "L").
+
+    Raises:
+        InvalidArgument: the pixel data is corrupt or truncated.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # Pillow warns, not fails, on some truncated files
@@ -77,6 +78,14 @@ def decode(data: bytes, limits: ImageLimits, color: str) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Warning) as exc:
         raise InvalidArgument(f"{image.format} image is corrupt or truncated ({exc})") from None
     return image.convert(color)
+
+
+def decode(data: bytes, limits: ImageLimits, color: str) -> Image.Image:
+    """Decode JPEG, PNG, WebP or BMP bytes into a ``color`` image.
+
+    :func:`open_image`, then :func:`load`, with their errors.
+    """
+    return load(open_image(data, limits), color)
 
 
 def to_tensor(
