@@ -77,7 +77,7 @@ def load(image: Image.Image, color: str) -> Image.Image:
             image.load()
     except (OSError, SyntaxError, ValueError, Warning) as exc:
         raise InvalidArgument(f"{image.format} image is corrupt or truncated ({exc})") from None
-    return image.convert(color)
+    return image if image.mode == color else image.convert(color)
 
 
 def decode(data: bytes, limits: ImageLimits, color: str) -> Image.Image:
