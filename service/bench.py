@@ -440,18 +440,22 @@ def _plot(results: dict[str, Any], target: Path) -> bool:
     except ImportError:
         return False
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for api in sorted({r["api"] for r in results["served"]}):
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, api in enumerate(sorted({r["api"] for r in results["served"]})):
         rows = [r for r in results["served"] if r["api"] == api]
+        colour = colours[index % len(colours)]  # one colour per API in both panels
         left.plot(
             [r["concurrency"] for r in rows],
             [r["requests_per_second"] for r in rows],
             marker="o",
+            color=colour,
             label=f"served {api}",
         )
         right.plot(
             [r["requests_per_second"] for r in rows],
             [r["p50_ms"] for r in rows],
             marker="o",
+            color=colour,
             label=f"{api} p50",
         )
         right.plot(
@@ -459,7 +463,26 @@ def _plot(results: dict[str, Any], target: Path) -> bool:
             [r["p99_ms"] for r in rows],
             marker="x",
             linestyle="--",
+            color=colour,
             label=f"{api} p99",
+        )
+    floor = [r for r in results["floor"] if r["api"] == "kserve-floor"]
+    if floor:  # the bare grpc.aio handler, measured beside the server (--floor)
+        left.plot(
+            [r["concurrency"] for r in floor],
+            [r["requests_per_second"] for r in floor],
+            marker="s",
+            linestyle="--",
+            color="black",
+            label="gRPC floor (bare handler)",
+        )
+        right.plot(
+            [r["requests_per_second"] for r in floor],
+            [r["p50_ms"] for r in floor],
+            marker="s",
+            linestyle="--",
+            color="black",
+            label="gRPC floor p50",
         )
     if results["raw"]:
         after = {r["batch"]: r["images_per_second"] for r in results["raw_after"]}
@@ -472,6 +495,7 @@ def _plot(results: dict[str, Any], target: Path) -> bool:
         left.axhline(best, color="grey", linestyle=":", label="raw ONNX Runtime best")
     left.set(
         xscale="log",
+        yscale="log",  # an overhead-bound model's raw limit is 10-100x its served rate
         xlabel="concurrency",
         ylabel="images/s",
         title=f"{results['model']}: throughput",
