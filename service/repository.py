@@ -373,6 +373,15 @@ class ModelRepository:
             self._state[logical] = ("UNAVAILABLE", "unloaded")
         log.info("unloaded %s", logical)
 
+    def mark_unloaded(self, names: Sequence[str]) -> None:
+        """Record model folders as unloaded without having loaded them.
+
+        A replacement worker takes its siblings' state, so that an unload of them succeeds on
+        it as it does on the others.
+        """
+        for logical in names:
+            self._state[logical] = ("UNAVAILABLE", "unloaded")
+
     async def close(self) -> None:
         """Drain every batcher, then stop the runtimes' threads (at shutdown)."""
         served = self.served()

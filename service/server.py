@@ -87,16 +87,20 @@ async def _load_models(
 ) -> list[str]:
     """Load the models; returns the names that failed.
 
-    Every model on disk, except that a replacement worker loads what its siblings serve now, so
-    a load or unload over gRPC since the start holds for it too.
+    Every model on disk, except that a replacement worker loads what its siblings serve now and
+    marks what they unloaded as unloaded, so a load or unload over gRPC since the start holds
+    for it too.
     """
     if role is None or siblings is None or not role.replacement:
         return await repository.load_all()
-    served = await siblings.serving()
-    if served is None:
+    index = await siblings.index()
+    if index is None:
         log.warning("no other worker said what it serves; loading every model on disk")
         return await repository.load_all()
-    return await repository.load_all(sorted({repository.logical_name(n) for n in served}))
+    ready = {repository.logical_name(name) for name, state, _ in index if state == "READY"}
+    unloaded = {name for name, _, reason in index if reason == "unloaded"} - ready
+    repository.mark_unloaded(sorted(unloaded))
+    return await repository.load_all(sorted(ready))
 
 
 async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:

@@ -128,10 +128,13 @@ class Siblings:
                 "the other workers went ahead",
             )
 
-    async def serving(self) -> list[str] | None:
-        """The model names a sibling serves now (for a replacement worker); None if none says."""
-        request = pb.RepositoryIndexRequest(ready=True)
+    async def index(self) -> list[tuple[str, str, str]] | None:
+        """A sibling's repository index as (name, state, reason); None if no sibling answers.
+
+        For a replacement worker, which takes the state of its siblings.
+        """
+        request = pb.RepositoryIndexRequest()
         for _, answer in sorted((await self._ask("RepositoryIndex", request, ASK_SECONDS)).items()):
             if isinstance(answer, pb.RepositoryIndexResponse):
-                return sorted({model.name for model in answer.models})
+                return [(model.name, model.state, model.reason) for model in answer.models]
         return None

@@ -200,6 +200,7 @@ def test_a_dead_worker_is_replaced_and_service_goes_on(workers: ServerProcess) -
     assert worker_pids(workers)[0] != pid and not alive(pid)
     assert "worker 0 is ready with no models" in workers.log().split(restarting)[-1]
     client = own_connection(workers.grpc_address)
+    client.unload_model("digits")  # it took its siblings' state: unloaded, not unknown
     client.load_model("digits")  # on both workers, the replacement included
     client.close()
     samples = scrape(workers.metrics_url)
@@ -273,7 +274,7 @@ async def main():
         await siblings.statistics(pb.ModelStatisticsRequest(), 5.0)
     except Unavailable as exc:
         print("UNAVAILABLE", exc.message)
-    print(await siblings.serving())
+    print(await siblings.index())
     await server.stop(0)
 
 
