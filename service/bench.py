@@ -468,22 +468,10 @@ def _plot(results: dict[str, Any], target: Path) -> bool:
         )
     floor = [r for r in results["floor"] if r["api"] == "kserve-floor"]
     if floor:  # the bare grpc.aio handler, measured beside the server (--floor)
-        left.plot(
-            [r["concurrency"] for r in floor],
-            [r["requests_per_second"] for r in floor],
-            marker="s",
-            linestyle="--",
-            color="black",
-            label="gRPC floor (bare handler)",
-        )
-        right.plot(
-            [r["requests_per_second"] for r in floor],
-            [r["p50_ms"] for r in floor],
-            marker="s",
-            linestyle="--",
-            color="black",
-            label="gRPC floor p50",
-        )
+        rates = [r["requests_per_second"] for r in floor]
+        style: dict[str, Any] = {"marker": "s", "linestyle": "--", "color": "black"}
+        left.plot([r["concurrency"] for r in floor], rates, label="gRPC floor", **style)
+        right.plot(rates, [r["p50_ms"] for r in floor], label="gRPC floor p50", **style)
     if results["raw"]:
         after = {r["batch"]: r["images_per_second"] for r in results["raw_after"]}
         best = max(  # as the ratios take it: before and after the load, averaged
