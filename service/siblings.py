@@ -2,10 +2,14 @@
 
 The shared port cannot reach a chosen worker (the kernel gives each connection to one of them),
 so every worker also listens on a Unix socket of its own in the supervisor's folder. A request
-that must describe the whole server (ModelStatistics) is answered by whichever worker it
-reaches: that worker asks each sibling for its own part, marked :data:`LOCAL_ONLY` so the
-sibling does not ask in turn, and merges the parts. A client may send the same mark to see the
-part of the worker holding its connection.
+that concerns the whole server is handled by whichever worker it reaches, which then asks each
+sibling, marked :data:`LOCAL_ONLY` so the sibling does not ask in turn:
+
+* ModelStatistics: each sibling's own figures, merged into the server's;
+* a model load or unload: repeated on each sibling after it succeeded on this worker;
+* a replacement worker's start: one sibling's repository index, whose state it takes.
+
+A client may send the same mark to confine a call to the worker holding its connection.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .errors import SiblingFailed, Unavailable
 __all__ = ["LOCAL_ONLY", "Siblings", "socket_path", "wants_local_only"]
 
 LOCAL_ONLY = ("convserve-worker-local", "1")
-"""Request metadata: answer with this worker's own figures, without asking its siblings."""
+"""Request metadata: this worker alone (its own figures, its own models), siblings not asked."""
 FRESH = (("grpc.use_local_subchannel_pool", 1),)
 """Channel option: a connection of the channel's own (the process-wide pool would hand a new
 channel the connection that failed while a sibling was down, backing off for seconds)."""
