@@ -117,9 +117,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         else:
             models = self._repository.served()
         own = model_statistics(models)
-        if self._siblings is None or wants_local_only(context):
+        if (siblings := self._siblings_to_ask(context)) is None:
             return own
-        parts = await self._siblings.statistics(request, context.time_remaining())
+        parts = await siblings.statistics(request, context.time_remaining())
         return merge_statistics([own, *parts])
 
     async def RepositoryIndex(
@@ -137,8 +137,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 "supported; place the files in the repository"
             )
         await self._repository.load(request.model_name)
-        if self._siblings is not None and not wants_local_only(context):
-            await self._siblings.repeat("RepositoryModelLoad", request, context.time_remaining())
+        if (siblings := self._siblings_to_ask(context)) is not None:
+            await siblings.repeat("RepositoryModelLoad", request, context.time_remaining())
         return pb.RepositoryModelLoadResponse()
 
     @rpc
@@ -146,9 +146,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
         await self._repository.unload(request.model_name)
-        if self._siblings is not None and not wants_local_only(context):
-            await self._siblings.repeat("RepositoryModelUnload", request, context.time_remaining())
+        if (siblings := self._siblings_to_ask(context)) is not None:
+            await siblings.repeat("RepositoryModelUnload", request, context.time_remaining())
         return pb.RepositoryModelUnloadResponse()
+
+    def _siblings_to_ask(self, context: Context) -> Siblings | None:
+        """The other workers, when this call is for the whole server (not marked local-only)."""
+        return None if wants_local_only(context) else self._siblings
 
     @inference_rpc("kserve")
     async def ModelInfer(

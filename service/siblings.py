@@ -60,7 +60,7 @@ class Siblings:
     async def _ask(
         self, method: str, request: object, timeout: float | None
     ) -> dict[int, object | grpc.aio.AioRpcError]:
-        """Every sibling's answer to ``method`` (marked LOCAL_ONLY), or the error it gave."""
+        """Every sibling's answer to ``method`` (marked LOCAL_ONLY), or its error, by worker."""
         channels = {
             index: grpc.aio.insecure_channel(f"unix:{path}", options=FRESH)
             for index, path in self._sockets.items()
@@ -138,7 +138,7 @@ class Siblings:
         For a replacement worker, which takes the state of its siblings.
         """
         request = pb.RepositoryIndexRequest()
-        for _, answer in sorted((await self._ask("RepositoryIndex", request, ASK_SECONDS)).items()):
+        for answer in (await self._ask("RepositoryIndex", request, ASK_SECONDS)).values():
             if isinstance(answer, pb.RepositoryIndexResponse):
                 return [(model.name, model.state, model.reason) for model in answer.models]
         return None
