@@ -40,21 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio
-
+    from . import event_loop
     from .logs import configure_logging
     from .server import run_server
     from .workers import supervise, worker_role
 
     try:
         chosen = settings.from_arguments(args)
+        factory = event_loop.loop_factory(chosen.event_loop)
     except ValueError as exc:
         raise ExportError(str(exc)) from exc
     role = worker_role()
     configure_logging(chosen.log_format, chosen.log_level, None if role is None else role.index)
     if chosen.workers > 1 and role is None:
         return supervise(chosen)
-    return asyncio.run(run_server(chosen, role))
+    return event_loop.run(lambda: run_server(chosen, role), factory)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from . import BUNDLED_REPOSITORY
+from .event_loop import CHOICES, loop_factory
 from .model_info import read_model_info
 from .runtime import DeviceChoice, Runtime
 from .server_process import ServerProcess
@@ -497,10 +498,15 @@ def _plot(results: dict[str, Any], target: Path) -> bool:
     return True
 
 
+def _loop_name(choice: str) -> str:
+    return "asyncio" if loop_factory(choice) is None else "uvloop"
+
+
 def _print_report(results: dict[str, Any]) -> None:
     print(
         f"model {results['model']} on {results['device']}, {results['workers']} server "
-        f"worker(s) ({results['server_threads'] or '?'} ONNX Runtime thread(s) each), load from "
+        f"worker(s) ({results['server_threads'] or '?'} ONNX Runtime thread(s) each, event loop "
+        f"{results['event_loop'] or '?'}), load from "
         f"{results['generator']} over up to {results['connections']} connection(s)"
     )
     after = {row["batch"]: row for row in results["raw_after"]}
@@ -592,7 +598,10 @@ def _compare_floor(
     the measured server chose, in one process. Alternating rounds, as for batching.
     """
     threads = args.cpu_threads or _server_threads(server, args.model) or 0
-    floor_args = ["--model", args.model, "--version", str(args.version), "--device", args.device]
+    floor_args = [
+        *("--model", args.model, "--version", str(args.version), "--device", args.device),
+        *("--event-loop", args.event_loop),
+    ]
     with ServerProcess(
         args.model_repository,
         *floor_args,
@@ -773,6 +782,10 @@ def _refusal(args: argparse.Namespace, path: Path) -> str | None:
     """Why the arguments cannot make a benchmark, or None."""
     if not path.is_file():
         return f"{path} does not exist"
+    try:
+        loop_factory(args.event_loop)
+    except ValueError as exc:
+        return str(exc)
     if args.server and (args.floor or args.compare_batching):
         return (
             "--floor and --compare-batching start servers on this machine to measure beside "
@@ -796,6 +809,8 @@ def run(args: argparse.Namespace) -> int:
         args.device,
         "--workers",
         str(args.workers),
+        "--event-loop",
+        args.event_loop,
         *(["--cpu-threads", str(args.cpu_threads)] if args.cpu_threads else []),
     ]
     # Several workers share the port by connection, so the load needs several connections.
@@ -808,6 +823,8 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model,
         "device": runtime.provider,
         "workers": args.workers,
+        # what the servers started here run on; unknown for --server
+        "event_loop": None if args.server else _loop_name(args.event_loop),
         "connections": connections,
         "generator": generator,
         "server_threads": None,
@@ -909,6 +926,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     bench.add_argument(
         "--workers", type=int, default=1, help="server processes to start (serve --workers)"
+    )
+    bench.add_argument(
+        "--event-loop",
+        choices=CHOICES,
+        default="auto",
+        help="the servers' event loop, the gRPC floor's too (serve --event-loop)",
     )
     bench.add_argument(
         "--connections",

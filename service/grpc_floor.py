@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from . import BUNDLED_REPOSITORY
+from . import BUNDLED_REPOSITORY, event_loop
 from ._generated.inference import grpc_service_pb2 as pb
 from ._generated.inference import grpc_service_pb2_grpc as pb_grpc
 from .runtime import DeviceChoice, Runtime
@@ -80,6 +80,7 @@ async def _serve(args: argparse.Namespace) -> int:
     port = server.add_insecure_port(f"{args.host}:{args.grpc_port}")
     await server.start()
     log = sys.stderr
+    print(f"event loop: {event_loop.describe(asyncio.get_running_loop())}", file=log)
     print(f"grpc listening on {args.host}:{port}", file=log)
     print(f"metrics listening on {args.host}:{metrics.server_port}", file=log)
     print(
@@ -112,7 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--cpu-threads", type=int, default=0, help="ONNX Runtime threads (0: the cores)"
     )
-    return asyncio.run(_serve(parser.parse_args(argv)))
+    parser.add_argument(
+        "--event-loop", choices=event_loop.CHOICES, default="auto", help="as for serve"
+    )
+    args = parser.parse_args(argv)
+    return event_loop.run(lambda: _serve(args), event_loop.loop_factory(args.event_loop))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from ._generated.inference import grpc_service_pb2 as kserve_pb
 from ._generated.inference import grpc_service_pb2_grpc as kserve_grpc
 from .classification import Classification
 from .classifier_servicer import ClassifierServicer
+from .event_loop import describe
 from .health import Health
 from .inference import DataPlane
 from .kserve_servicer import KServeServicer
@@ -115,6 +116,7 @@ async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
     # 5 ms switch interval would let the busy event loop keep it that long.
     sys.setswitchinterval(0.0005)
     loop = asyncio.get_running_loop()
+    log.info("event loop: %s", describe(loop))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

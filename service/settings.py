@@ -86,6 +86,11 @@ class Settings:
         "them), each with its own copy of every model; they answer as one server (metrics and "
         "statistics summed, model load and unload repeated on every worker)",
     )
+    event_loop: str = _setting(
+        "auto",
+        "asyncio event loop: uvloop, asyncio, or auto (uvloop where installed)",
+        choices=("auto", "uvloop", "asyncio"),
+    )
 
     def __post_init__(self) -> None:
         checks = {

@@ -232,3 +232,38 @@ def test_bad_config_json_is_refused(tmp_path: Path) -> None:
     result = serve_until_exit(tmp_path)
     assert result.returncode == 1
     assert "unknown field max_batch_sise" in result.stderr
+
+
+@pytest.mark.parametrize(("choice", "logged"), [("auto", "uvloop "), ("asyncio", "asyncio")])
+def test_event_loop_choice_serves_logs_and_drains(choice: str, logged: str) -> None:
+    import onnxruntime as ort
+
+    model = BUNDLED_REPOSITORY / "digits" / "1" / "model.onnx"
+    image = np.random.default_rng(5).random((1, 1, 8, 8), dtype=np.float32)
+    server = ServerProcess(BUNDLED_REPOSITORY, "--event-loop", choice).start()
+    try:
+        assert f"event loop: {logged}" in server.log()
+        tensor = triton.InferInput("input", list(image.shape), "FP32")
+        tensor.set_data_from_numpy(image)
+        reply = triton.InferenceServerClient(server.grpc_address).infer("digits", [tensor])
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        (expected,) = session.run(None, {"input": image})
+        np.testing.assert_allclose(reply.as_numpy("logits"), expected, rtol=1e-5, atol=1e-6)
+        server.signal(signal.SIGTERM)  # the signal handlers are the loop's
+        assert server.wait(30) == 0
+        assert "stopped" in server.log()
+    finally:
+        server.stop()
+
+
+def test_event_loop_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import event_loop
+
+    assert event_loop.loop_factory("auto") is not None  # a dependency, so installed here
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now fails
+    assert event_loop.loop_factory("auto") is None
+    assert event_loop.loop_factory("asyncio") is None
+    with pytest.raises(ValueError, match="uvloop is not installed"):
+        event_loop.loop_factory("uvloop")
+    with pytest.raises(ValueError, match="must be one of auto, uvloop, asyncio"):
+        event_loop.loop_factory("trio")
