@@ -111,6 +111,8 @@ class BatchQueue:
         self._inline_below = inline_below_seconds
         self._typical: float | None = None  # moving average of a batch's compute time
         self._executors = list(executors)
+        # 0: the model has no batch axis; each request runs alone and gets the outputs whole.
+        self._batching = max_batch_size > 0
         self._max_batch = max(1, max_batch_size)
         self._delay = max_queue_delay_microseconds / 1e6
         self._lone = 0  # windows in a row that gathered only their first request
@@ -189,9 +191,15 @@ class BatchQueue:
                 self._lone += 1
             elif len(batch) > 1:
                 self._lone = 0
-            if batch and await self._execute(batch, instance):
-                # It ran inline: let the handlers that arrived meanwhile enqueue first, so the
-                # next batch holds them (the loop has had no turn since the batch began).
+            try:
+                inline = bool(batch) and await self._execute(batch, instance)
+            except Exception as exc:  # never lose the worker (and with it the model's queue)
+                self._fail(batch, exc)
+                inline = False
+            if inline or not batch:
+                # Inline: let the handlers that arrived meanwhile enqueue first, so the next
+                # batch holds them (the loop has had no turn since the batch began). Empty:
+                # never go round without giving the loop a turn.
                 await asyncio.sleep(0)
 
     def _window_now(self) -> bool:
@@ -250,7 +258,9 @@ class BatchQueue:
                 continue
             if not batch:
                 key = pending.key
-            if pending.key == key and images + pending.count <= limit:
+            # The head always goes, even above a preferred cut (a request of 9 with preferred
+            # sizes 8 and 16 and 9 images queued): else it would wait forever.
+            if pending.key == key and (not batch or images + pending.count <= limit):
                 batch.append(pending)
                 images += pending.count
                 self._images -= pending.count
@@ -327,6 +337,13 @@ class BatchQueue:
         elapsed: float,
     ) -> None:
         """Check the model's rows and hand every request its own."""
+        if not self._batching:  # one request, and no batch axis to split on
+            (pending,) = batch
+            if not pending.future.done():
+                pending.future.set_result(list(outputs))
+            if self._observer:
+                self._observer.batch_done(total, 1, stacked, elapsed, 0.0)
+            return
         wrong = [o.shape for o in outputs if o.ndim == 0 or o.shape[0] != total]
         if wrong:
             error = ServingError(f"the model returned {list(wrong[0])} rows for a batch of {total}")

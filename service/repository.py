@@ -319,7 +319,7 @@ class ModelRepository:
         batcher = BatchQueue(
             built.runtime.run,
             built.runtime.executors,
-            max_batch_size=max(1, built.max_batch_size),
+            max_batch_size=built.max_batch_size,
             max_queue_delay_microseconds=batching.max_queue_delay_microseconds,
             preferred_batch_size=batching.preferred_batch_size,
             max_queue_size=batching.max_queue_size,

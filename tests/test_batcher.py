@@ -174,6 +174,72 @@ async def test_preferred_batch_size_cuts_the_batch(executor) -> None:
     await queue.close()
 
 
+def test_a_request_above_the_preferred_cut_still_runs() -> None:
+    """9 images queued with preferred sizes 8 and 16: the cut is 8, the request must go whole.
+
+    Run on a loop in a thread of its own: the bug this guards against spun that loop forever
+    without a turn, which no timeout on the same loop could end.
+    """
+
+    async def scenario() -> list[int]:
+        with ThreadPoolExecutor(1) as pool:
+            run = Recorder()
+            queue = BatchQueue(run, [pool], max_batch_size=32, preferred_batch_size=[8, 16])
+            out = await queue.submit({"x": rows(9, 0)}, 9, (3,), None)
+            np.testing.assert_array_equal(out[0], rows(9, 0) * 2 + 1)
+            await queue.close()
+            return run.sizes
+
+    result: list[list[int]] = []
+    thread = threading.Thread(target=lambda: result.append(asyncio.run(scenario())), daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the batch worker spun without running the request"
+    assert result == [[9]]
+
+
+async def test_a_model_without_a_batch_axis_gets_its_outputs_whole(executor) -> None:
+    """max_batch_size 0: the first dimension is the model's own; nothing is split or checked."""
+
+    def run(feeds, instance):  # type: ignore[no-untyped-def]
+        return [feeds["x"].sum(axis=1), np.arange(7, dtype=np.int64)]
+
+    queue = BatchQueue(run, [executor], max_batch_size=0)
+    first, second = (
+        queue.submit({"x": rows(3, 0)}, 1, (3, 3), None),
+        queue.submit({"x": rows(3, 10)}, 1, (3, 3), None),
+    )
+    for future, start in ((first, 0), (second, 10)):
+        sums, counts = await future
+        np.testing.assert_array_equal(sums, rows(3, start).sum(axis=1))
+        np.testing.assert_array_equal(counts, np.arange(7))
+    await queue.close()
+
+
+async def test_a_batch_that_cannot_be_stacked_fails_alone_and_the_worker_lives_on(
+    executor,
+) -> None:
+    """An error outside the model (here: stacking) fails that batch, not the whole queue."""
+    run = Recorder()
+    run.gate.clear()
+    queue = BatchQueue(run, [executor], max_batch_size=8)
+    busy = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
+    await asyncio.to_thread(run.entered.wait, 5)
+    # one key, two widths: a caller bug np.concatenate refuses
+    clash = [
+        queue.submit({"x": rows(1, 1)}, 1, (3,), None),
+        queue.submit({"x": np.zeros((1, 4), np.float32)}, 1, (3,), None),
+    ]
+    run.gate.set()
+    await busy
+    for future in clash:
+        with pytest.raises(ServingError, match="inference failed inside the runtime"):
+            await asyncio.wait_for(future, 10)
+    after = await asyncio.wait_for(queue.submit({"x": rows(2, 5)}, 2, (3,), None), 10)
+    np.testing.assert_array_equal(after[0], rows(2, 5) * 2 + 1)
+    await queue.close()
+
+
 async def test_full_queue_is_refused_at_once(executor) -> None:
     run = Recorder()
     run.gate.clear()
