@@ -100,7 +100,7 @@ class ModelConfig:
 
 def _take(document: dict[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
     value = document.pop(key, default)
-    if kind is int and isinstance(value, str) and value.isdigit():
+    if kind is int and isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)  # Triton's JSON writer quotes 64-bit integers
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise ConfigError(f"{where}{key} must be {kind.__name__}, got {value!r}")

@@ -14,6 +14,7 @@ before it is dropped, so a reload while traffic flows loses no request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -150,7 +151,7 @@ class ModelRepository:
             raise ModelNotFound(name)
         if not version:
             return versions[max(versions)]
-        if not version.isdigit():
+        if not (version.isascii() and version.isdigit()):
             raise InvalidArgument(f"model version must be a positive integer, got '{version}'")
         served = versions.get(int(version))
         if served is None:
@@ -232,7 +233,10 @@ class ModelRepository:
                 on_disk = [
                     int(p.name)
                     for p in folder.iterdir()
-                    if p.name.isdigit() and int(p.name) > 0 and (p / MODEL_FILE).is_file()
+                    if p.name.isascii()
+                    and p.name.isdigit()
+                    and int(p.name) > 0
+                    and (p / MODEL_FILE).is_file()
                 ]
                 chosen = config.versions.select(on_disk)
                 if not chosen:
@@ -351,6 +355,9 @@ class ModelRepository:
             labels = (model.name, str(model.version), model.runtime.provider)
             if labels not in ready:
                 metrics.MODEL_READY.remove(*labels)
+        if fresh:  # a failed earlier load's "nothing serves it" series goes too
+            with contextlib.suppress(KeyError):
+                metrics.MODEL_READY.remove(logical, "", "none")
         for labels in ready:
             metrics.MODEL_READY.labels(*labels).set(1)
         for name in names:

@@ -118,7 +118,11 @@ class Settings:
             raise ValueError(f"invalid setting {bad[0]}={getattr(self, bad[0])!r}")
         if not (
             self.device in ("auto", "cpu", "cuda")
-            or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+            or (
+                self.device.startswith("cuda:")
+                and self.device[5:].isascii()
+                and self.device[5:].isdigit()
+            )
         ):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

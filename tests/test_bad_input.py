@@ -245,12 +245,15 @@ def test_unknown_requested_output(stub) -> None:
     )
 
 
-def test_non_numeric_version(stub) -> None:
+@pytest.mark.parametrize(
+    "version", ["latest", "\u00b2", "\u0661"]
+)  # "²" and Arabic-Indic one are isdigit()
+def test_non_numeric_version(stub, version: str) -> None:
     message = request()
-    message.model_version = "latest"
+    message.model_version = version
     assert_status(
         stub,
         message,
         grpc.StatusCode.INVALID_ARGUMENT,
-        r"model version must be a positive integer, got 'latest'",
+        f"model version must be a positive integer, got '{version}'",
     )

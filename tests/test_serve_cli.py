@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import queue
+import shutil
 import urllib.request
+from pathlib import Path
 
 import numpy as np
+import pytest
 import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
 
 from service import BUNDLED_REPOSITORY
 from service.server_process import ServerProcess
@@ -126,3 +130,29 @@ def test_max_connection_age_closes_old_connections_without_failing_calls() -> No
             assert client.infer("digits", [tensor]).as_numpy("logits").shape == (1, 10)
             calls += 1
         assert calls > 10
+
+
+def test_a_failed_load_leaves_no_stale_not_ready_series(tmp_path: Path) -> None:
+    """Load a broken model over gRPC (gauge 0, provider "none"), mend it, load again: ready 1."""
+    shutil.copytree(BUNDLED_REPOSITORY / "digits", tmp_path / "digits")
+    with (
+        ServerProcess(tmp_path) as server,
+        triton.InferenceServerClient(server.grpc_address) as client,
+    ):
+        (tmp_path / "late" / "1").mkdir(parents=True)
+        (tmp_path / "late" / "1" / "model.onnx").write_bytes(b"not onnx")
+        with pytest.raises(InferenceServerException, match="failed to load"):
+            client.load_model("late")
+        stale = 'convserve_model_ready{model="late",provider="none",version=""} 0.0'
+        assert stale in urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+        shutil.copy(
+            BUNDLED_REPOSITORY / "digits" / "1" / "model.onnx",
+            tmp_path / "late" / "1" / "model.onnx",
+        )
+        client.load_model("late")
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+        assert stale not in text and 'model="late",provider="none"' not in text
+        assert (
+            'convserve_model_ready{model="late",provider="CPUExecutionProvider",version="1"} 1.0'
+            in text
+        )
