@@ -82,6 +82,20 @@ class DenseResult:
     scales: tuple[float, ...] = field(default=(1.0,))
 
 
+def _same_shape(tensors: Sequence[np.ndarray]) -> None:
+    """Refuse images of different shapes: one request's images become one batch.
+
+    A model with a dynamic height or width takes any, but one per request.
+    """
+    first = tensors[0].shape
+    for index, tensor in enumerate(tensors):
+        if tensor.shape != first:
+            raise InvalidArgument(
+                f"image {index} is {list(tensor.shape)} but image 0 is {list(first)}; the "
+                "images of one request must share a shape"
+            )
+
+
 def _labels(info: ModelInfo, classes: int) -> Sequence[str]:
     return (
         info.labels
@@ -177,7 +191,9 @@ class Classification:
                 f"tensor shape {list(tensor.shape)} has rank {tensor.ndim}; "
                 f"model '{model.name}' takes {list(expected)} per image"
             )
-        if window is not None and tensor.shape[1:] != window:
+        if window is not None and any(
+            w not in (-1, d) for w, d in zip(window, tensor.shape[1:], strict=True)
+        ):
             raise InvalidArgument(
                 f"tensor shape {list(tensor.shape)} does not match the "
                 f"model's input {list(expected)}"
@@ -244,6 +260,7 @@ class Classification:
         if not inputs:
             raise InvalidArgument("no images in the request")
         tensors = await self._tensors(model, inputs)
+        _same_shape(tensors)
         # More images than max_batch_size become several requests to the same batcher.
         scores = await self._batched(model, np.stack(tensors), deadline, outcome)
         labels = _labels(model.info, scores.shape[1])

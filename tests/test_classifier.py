@@ -338,6 +338,18 @@ def test_list_models(stub) -> None:
             r"tensor shape \[1, 9, 8\] does not match the "
             r"model's input \[1, 8, 8\]",
         ),
+        (
+            lambda: pb.ClassifyRequest(
+                model="digits",
+                images=[
+                    pb.Image(tensor=pb.Tensor(shape=[1, 8, 8], fp32_data=b"\x00" * 256)),
+                    pb.Image(tensor=pb.Tensor(shape=[2, 8, 8], fp32_data=b"\x00" * 512)),
+                ],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"image 1 is \[2, 8, 8\] but image 0 is \[1, 8, 8\]; the images of one request "
+            r"must share a shape",
+        ),
     ],
 )
 def test_classify_bad_input(stub, request_factory, code, pattern) -> None:
