@@ -119,6 +119,7 @@ class Classification:
         self._limits = images.ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
         self._max_cells = settings.max_map_cells
         self._max_copies = settings.max_dense_copies
+        self._max_elements = settings.max_tensor_elements
 
     # -- lookup ------------------------------------------------------------------------------------
     def logical_models(self) -> list[ServedModel]:
@@ -307,9 +308,13 @@ class Classification:
             raise InvalidArgument("pool must be mean or max, and mode dense or crops")
 
     def _plan(
-        self, geometry: DenseInfo, query: DenseQuery, size: tuple[int, ...]
+        self, geometry: DenseInfo, query: DenseQuery, size: tuple[int, ...], channels: int
     ) -> list[tuple[float, tuple[int, ...], tuple[int, ...]]]:
-        """Per scale: (scale, scaled size, cell counts), all limits checked before any work."""
+        """Per scale: (scale, scaled size, cell counts), all limits checked before any work.
+
+        The limits: copies, cells, and the input elements the copies (dense) or the crops
+        (crops mode) hold, which bounds the memory of a request before anything is resized.
+        """
         copies = len(query.scales) * query.divisor ** len(geometry.stride)
         if copies > self._max_copies:
             raise ResourceExhausted(
@@ -321,7 +326,7 @@ class Classification:
             raise InvalidArgument(
                 f"stride {list(geometry.stride)} is not divisible by stride_divisor {query.divisor}"
             )
-        plan, total = [], 0
+        plan, total, elements = [], 0, 0
         for scale in query.scales:
             scaled = tuple(max(1, round(s * scale)) for s in size)
             if any(s < w for s, w in zip(scaled, geometry.window, strict=True)):
@@ -330,12 +335,22 @@ class Classification:
                     f"window {_size(geometry.window)}"
                 )
             counts = dense.cell_counts(scaled, geometry.window, geometry.stride, query.divisor)
-            total += int(np.prod(counts))
+            cells = int(np.prod(counts))
+            total += cells
+            if query.mode == "crops":
+                elements += cells * channels * int(np.prod(geometry.window))
+            else:
+                elements += channels * int(np.prod(scaled)) * query.divisor ** len(scaled)
             plan.append((scale, scaled, counts))
         if total > self._max_cells:
             raise ResourceExhausted(
                 f"the request asks for {total} cells; the server computes at "
                 f"most {self._max_cells} per request"
+            )
+        if elements > self._max_elements:
+            raise ResourceExhausted(
+                f"the request needs {elements} input elements ({query.mode} mode, every copy and "
+                f"scale); the server takes at most {self._max_elements} (max_tensor_elements)"
             )
         return plan
 
@@ -365,7 +380,8 @@ class Classification:
         else:
             decoded = await self._off_loop(self._decode, classifier, image)
             tensor, size = None, (decoded.height, decoded.width)
-        plan = self._plan(geometry, query, size)
+        declared = classifier.inputs[0].shape[1] if len(classifier.inputs[0].shape) > 1 else 1
+        plan = self._plan(geometry, query, size, declared if declared > 0 else 3)
         maps = await asyncio.gather(
             *(
                 self._scale_map(

@@ -328,7 +328,12 @@ class ModelRepository:
             preferred_batch_size=batching.preferred_batch_size,
             max_queue_size=batching.max_queue_size,
             observer=stats,
-            inline_below_seconds=self._settings.inline_compute_microseconds / 1e6,
+            # Only where every request costs about the same: a model with a variable height,
+            # width or length (dense twins) may get one far larger than the average so far,
+            # and that must not stop the event loop.
+            inline_below_seconds=0.0
+            if any(-1 in spec.shape[1:] for spec in built.runtime.inputs)
+            else self._settings.inline_compute_microseconds / 1e6,
         )
         return ServedModel(
             built.name,

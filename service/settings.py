@@ -73,7 +73,7 @@ class Settings:
     inline_compute_microseconds: int = _setting(
         1000,
         "batches that typically compute faster run on the event loop instead of the thread "
-        "pool (0: always the pool)",
+        "pool, for models whose inputs have fixed shapes (0: always the pool)",
     )
     cpu_threads: int = _setting(
         0,

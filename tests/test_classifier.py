@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -418,6 +419,34 @@ def test_dense_limits_before_work(stub, size, options, code, pattern) -> None:
         )
     assert error.value.code() == code, error.value.details()
     assert re.search(pattern, error.value.details()), error.value.details()
+
+
+def test_dense_input_elements_are_bounded_before_any_resizing(repository: Path) -> None:
+    """Copies (dense) and crops (crops mode) count against max_tensor_elements, up front."""
+    image = pb.Image(encoded=png(np.zeros((100, 100), np.uint8)))  # 47 x 47 cells
+
+    def ask(stub: pb_grpc.ClassifierStub, **options: object) -> pb.ClassifyDenseResponse:
+        return stub.ClassifyDense(pb.ClassifyDenseRequest(model="digits", image=image, **options))
+
+    with (
+        ServerProcess(repository, "--max-tensor-elements", "20000") as server,
+        grpc.insecure_channel(server.grpc_address) as channel,
+    ):
+        stub = pb_grpc.ClassifierStub(channel)
+        assert ask(stub).cells == 47 * 47  # one copy of 100 x 100: 10,000 elements
+        refusals = [
+            (
+                {"mode": pb.MODE_CROPS},  # 2,209 crops of 8 x 8
+                r"needs 141376 input elements \(crops mode",
+            ),
+            ({"stride_divisor": 2}, r"needs 40000 input elements \(dense mode"),
+        ]
+        for options, pattern in refusals:
+            with pytest.raises(grpc.RpcError) as error:
+                ask(stub, **options)
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert re.search(pattern, error.value.details()), error.value.details()
+            assert "at most 20000 (max_tensor_elements)" in error.value.details()
 
 
 def test_client_commands(server: ServerProcess, held_out, tmp_path: Path) -> None:
