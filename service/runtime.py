@@ -69,17 +69,33 @@ class TensorSpec:
         return NUMPY_TYPES[self.datatype]
 
 
-def available_cores() -> int:
-    """CPU cores this process may use: affinity, then the cgroup quota (containers)."""
+def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPU cores this process may use: affinity, then the cgroup CPU quota (a pod's CPU limit).
+
+    cgroup v2 (``cpu.max``) or v1 (``cpu/cpu.cfs_quota_us`` over ``cpu.cfs_period_us``, still
+    the layout of older nodes); a quota below one core counts as one.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
+    quota = _cgroup_quota(cgroup)
+    return cores if quota is None else min(cores, max(1, int(quota)))
+
+
+def _cgroup_quota(cgroup: Path) -> float | None:
+    """The CPU quota in cores, or None where there is none (or no cgroup file says)."""
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, int(int(quota) // int(period))))
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
-    return cores
+    for folder in ("cpu", "cpu,cpuacct"):
+        try:
+            v1_quota = int((cgroup / folder / "cpu.cfs_quota_us").read_text())
+            v1_period = int((cgroup / folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if v1_quota <= 0 or v1_period <= 0 else v1_quota / v1_period
+    return None
 
 
 class DeviceChoice:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,27 @@ async def test_the_operators_thread_count_is_kept_and_real_models_keep_theirs() 
     # The dense twin serves whole images, far larger than the one window it is warmed up with:
     # never judged tiny by that.
     assert await threads_of(Settings(), "digits_dense") == cores
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1),  # v2: 1.5 cores
+        ({"cpu.max": "50000 100000\n"}, 1),  # under a core: one
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+        (
+            {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+            None,
+        ),
+        ({}, None),
+    ],
+)
+def test_the_cgroup_cpu_limit_caps_the_cores(
+    tmp_path: Path, files: dict[str, str], limit: int | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    unlimited = available_cores(tmp_path / "nowhere")
+    assert available_cores(tmp_path) == (unlimited if limit is None else min(unlimited, limit))
