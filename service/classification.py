@@ -109,6 +109,11 @@ def _top(probabilities: np.ndarray, k: int, labels: Sequence[str]) -> list[Label
     return [Labelled(labels[i], int(i), float(probabilities[i])) for i in order]
 
 
+# Chunks of one large Classify (or crops-mode) request queued at once: enough to fill a few
+# instances' batches back to back, few enough to leave room in the queue for other clients.
+CHUNKS_IN_FLIGHT = 4
+
+
 class Classification:
     """The classification API's domain logic (see the module docstring)."""
 
@@ -284,16 +289,28 @@ class Classification:
     async def _batched(
         self, model: ServedModel, batch: np.ndarray, deadline: float | None, outcome: Outcome
     ) -> np.ndarray:
-        """Run more rows than one request may carry, as several requests of one model."""
+        """Run more rows than one request may carry, as several requests of one model.
+
+        At most ``CHUNKS_IN_FLIGHT`` of them are queued at a time, so one large request neither
+        fills the model's queue (turning other clients away) nor runs alone for long; the first
+        that fails cancels the rest.
+        """
         step = model.max_batch_size or 1
         if len(batch) <= step:  # awaited in place: a gathered task costs two turns of the loop
             return await self._run(model, batch, deadline, outcome)
-        parts = await asyncio.gather(
-            *(
-                self._run(model, batch[i : i + step], deadline, outcome)
-                for i in range(0, len(batch), step)
-            )
-        )
+        slots = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+
+        async def chunk(start: int) -> np.ndarray:
+            async with slots:
+                return await self._run(model, batch[start : start + step], deadline, outcome)
+
+        tasks = [asyncio.ensure_future(chunk(i)) for i in range(0, len(batch), step)]
+        try:
+            parts = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
         return np.concatenate(parts)
 
     # -- ClassifyDense --------------------------------------------------------------------

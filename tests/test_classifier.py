@@ -449,6 +449,32 @@ def test_dense_input_elements_are_bounded_before_any_resizing(repository: Path) 
             assert "at most 20000 (max_tensor_elements)" in error.value.details()
 
 
+def test_a_request_of_many_chunks_fits_a_small_queue(repository: Path, held_out) -> None:
+    """2,209 crops are 70 chunks of 32; a queue of 8 takes them because they go 4 at a time."""
+    x_test, _ = held_out
+    strip = np.zeros((100, 100), np.uint8)
+    strip[40:48, 40:48] = x_test[3]
+    request = pb.ClassifyDenseRequest(
+        model="digits", image=pb.Image(encoded=png(strip)), mode=pb.MODE_CROPS, return_map=True
+    )
+    with (
+        ServerProcess(
+            repository, "--inline-compute-microseconds", "0", "--max-queue-size", "8"
+        ) as server,
+        grpc.insecure_channel(server.grpc_address) as channel,
+    ):
+        stub = pb_grpc.ClassifierStub(channel)
+        by_crops = stub.ClassifyDense(request)
+        request.mode = pb.MODE_DENSE
+        by_dense = stub.ClassifyDense(request)
+    assert by_crops.cells == 47 * 47
+    np.testing.assert_allclose(
+        np.frombuffer(by_crops.map.fp32_probabilities, np.float32),
+        np.frombuffer(by_dense.map.fp32_probabilities, np.float32),
+        atol=1e-4,
+    )
+
+
 def test_client_commands(server: ServerProcess, held_out, tmp_path: Path) -> None:
     x_test, y_test = held_out
     one = tmp_path / "one.png"
