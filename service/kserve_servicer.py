@@ -26,7 +26,7 @@ from .kserve_messages import (
     model_statistics,
     repository_index,
 )
-from .rpc import deadline_of, inference_rpc, rpc
+from .rpc import counted, deadline_of, inference_rpc, rpc
 from .siblings import Siblings, wants_local_only
 
 __all__ = ["KServeServicer"]
@@ -34,6 +34,9 @@ __all__ = ["KServeServicer"]
 log = logging.getLogger(__name__)
 
 Context: TypeAlias = grpc.aio.ServicerContext
+# Messages of one ModelStreamInfer stream in the server at once (see ModelStreamInfer).
+STREAM_IN_FLIGHT = 64
+
 EXTENSIONS = [
     "classification",
     "model_repository",
@@ -176,32 +179,53 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Answers arrive in completion order; an error is reported in-band, per request."""
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        """Answers arrive in completion order; an error is reported in-band, per request.
+
+        Each message counts as a request (api ``kserve_stream``). At most
+        ``STREAM_IN_FLIGHT`` messages of one stream are in the server at a time, and answers
+        the client does not read hold their slots, so a client that only writes is slowed by
+        HTTP/2 flow control instead of filling the server's memory.
+        """
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(STREAM_IN_FLIGHT)
+        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(message: pb.ModelInferRequest) -> None:
+            outcome = Outcome()
             try:
-                response = await self._infer(message, deadline_of(context), Outcome())
-                await answers.put(pb.ModelStreamInferResponse(infer_response=response))
+                response = await counted(
+                    "kserve_stream", outcome, self._infer(message, deadline_of(context), outcome)
+                )
+                answer = pb.ModelStreamInferResponse(infer_response=response)
             except ServingError as exc:
-                await answers.put(
-                    pb.ModelStreamInferResponse(
-                        error_message=exc.message,
-                        infer_response=pb.ModelInferResponse(id=message.id),
-                    )
+                answer = pb.ModelStreamInferResponse(
+                    error_message=exc.message,
+                    infer_response=pb.ModelInferResponse(id=message.id),
                 )
             except Exception:
                 log.exception("stream request failed")
-                await answers.put(pb.ModelStreamInferResponse(error_message="internal error"))
+                answer = pb.ModelStreamInferResponse(
+                    error_message="internal error (logged by the server)",
+                    infer_response=pb.ModelInferResponse(id=message.id),
+                )
+            await answers.put(answer)
+
+        def release(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            slots.release()
 
         async def read() -> None:
-            async for message in request_iterator:
-                task = asyncio.create_task(one(message))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            await asyncio.gather(*list(tasks))
-            await answers.put(None)
+            try:
+                async for message in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(one(message))
+                    tasks.add(task)
+                    task.add_done_callback(release)
+                await asyncio.gather(*list(tasks))
+            except Exception as exc:  # the request stream broke: answer what was read, then end
+                log.warning("stream request iterator failed: %s", exc)
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+            await answers.put(None)  # not when cancelled: then nobody reads any more
 
         reader = asyncio.create_task(read())
         try:

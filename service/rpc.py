@@ -15,7 +15,7 @@ from . import metrics
 from .errors import ServingError
 from .inference import Outcome
 
-__all__ = ["deadline_of", "inference_rpc", "rpc"]
+__all__ = ["counted", "deadline_of", "inference_rpc", "rpc"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,32 @@ def _record(outcome: Outcome, api: str, code: str, reason: str, elapsed: float) 
                 "duration_seconds": round(elapsed, 6),
             },
         )
+
+
+T = TypeVar("T")
+
+
+async def counted(api: str, outcome: Outcome, work: Awaitable[T]) -> T:
+    """Await one request that is not an RPC of its own (a stream's message), counted as one.
+
+    The same request metrics as :func:`inference_rpc`; errors pass through unchanged.
+    """
+    started = time.perf_counter()
+    code, reason = "OK", ""
+    metrics.INFLIGHT.inc()
+    try:
+        return await work
+    except ServingError as exc:
+        code, reason = exc.code.name, exc.message
+        raise
+    except asyncio.CancelledError:
+        code, reason = "CANCELLED", "the client went away"
+        raise
+    except Exception:
+        code, reason = "INTERNAL", "unexpected error (traceback logged)"
+        raise
+    finally:
+        _record(outcome, api, code, reason, time.perf_counter() - started)
 
 
 Request = TypeVar("Request")

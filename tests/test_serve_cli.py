@@ -113,6 +113,21 @@ def test_stream_infer() -> None:
         assert ids == ["0", "1", "2", "3", "4"]
         errors = [r for r in got if not hasattr(r, "get_response")]
         assert len(errors) == 1 and "does not match the model's" in str(errors[0])
+        # more messages than one stream may have in the server at once (STREAM_IN_FLIGHT)
+        client.start_stream(callback=lambda result, error: answers.put(error or result))
+        for i in range(300):
+            tensor = triton.InferInput("input", [1, 1, 8, 8], "FP32")
+            tensor.set_data_from_numpy(np.full((1, 1, 8, 8), i % 7, np.float32))
+            client.async_stream_infer("digits", [tensor], request_id=f"many-{i}")
+        many = [answers.get(timeout=60) for _ in range(300)]
+        client.stop_stream()
+        assert sorted(r.get_response().id for r in many) == sorted(f"many-{i}" for i in range(300))
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+        for code, count in (("OK", 305), ("INVALID_ARGUMENT", 1)):
+            assert (
+                f'convserve_requests_total{{api="kserve_stream",code="{code}",model="digits",'
+                f'version="1"}} {count}.0'
+            ) in text, text
 
 
 def test_max_connection_age_closes_old_connections_without_failing_calls() -> None:
