@@ -104,10 +104,17 @@ def test_sigterm_under_load_fails_no_accepted_request(slow_repository: Path) -> 
             accepted.append(error or result.as_numpy("y"))
 
     try:
-        for _ in range(12):  # several batches of compute: still running when SIGTERM lands
-            client.async_infer("slow", [slow_input()], callback=callback)
-        time.sleep(0.3)
+        for _ in range(12):  # 12 batches of 4 rows, one after another
+            client.async_infer("slow", [slow_input(4)], callback=callback)
+        give_up = time.monotonic() + 60
+        while time.monotonic() < give_up:  # SIGTERM once the first answer is in
+            with lock:
+                answered = len(accepted)
+            if answered:
+                break
+            time.sleep(0.005)
         server.signal(signal.SIGTERM)
+        assert answered < 12, "every request had finished before SIGTERM: the test tests nothing"
         started = time.monotonic()
         code = server.wait(60)
         all_in.set()
