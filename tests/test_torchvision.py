@@ -16,6 +16,7 @@ from export.fc_to_conv import to_dense
 from export.inspection import inspect_file, render
 from export.model_entry import ExportSpec, export_entry
 from export.onnx_export import write_onnx
+from tests.test_fc_to_conv import crop_oracle
 
 FAMILIES = ["alexnet", "resnet18", "mobilenet_v2", "mobilenet_v3_small"]
 
@@ -49,7 +50,19 @@ def test_family_exports_with_dense_variant(name: str, reports: dict) -> None:
     assert report.geometry.stride == (32, 32)
     assert report.geometry.window == (224, 224)
     assert report.geometry.exact is False  # zero padding: reported, not hidden
-    assert report.check.cells == 15 and 0 <= report.check.top1_agreement <= 1
+    assert report.check.cells == 15
+    # The recorded deviation, against an independent measurement: PyTorch's own model on each
+    # crop of another random input against the dense ONNX file in ONNX Runtime.
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().eval()
+    image = np.random.default_rng(11).standard_normal((3, 224, 288)).astype(np.float32)
+    oracle = crop_oracle(model, image, (224, 224), (32, 32))  # [1000, 1, 3]
+    session = ort.InferenceSession(str(report.dense_path), providers=["CPUExecutionProvider"])
+    dense = session.run(None, {"input": image[None]})[0][0][:, :1, :3]
+    measured = float(np.abs(dense - oracle).max())
+    # Measured here: alexnet 0.0023 against 0.0032 recorded, resnet18 0.84 against 1.85; the
+    # untrained MobileNets answer nearly the same for any input (1e-9 both ways).
+    assert report.check.max_abs_dev / 4 < measured < report.check.max_abs_dev * 4
     meta = {p.key: json.loads(p.value) for p in onnx.load(str(report.dense_path)).metadata_props}
     assert meta["convserve.dense"]["max_abs_dev"] == pytest.approx(report.check.max_abs_dev)
     assert meta["convserve.dense"]["exact"] is False
