@@ -344,8 +344,11 @@ def test_failed_request_log_takes_the_request_id_from_metadata(server: ServerPro
                 pb.ClassifyRequest(model="digits", images=[pb.Image(encoded=b"junk")]),
                 metadata=[("x-request-id", "trace-42")],
             )
-    time.sleep(0.2)
-    records = [json.loads(line) for line in server.lines if '"trace-42"' in line]
+    records: list[dict] = []
+    give_up = time.monotonic() + 10
+    while not records and time.monotonic() < give_up:  # the log line follows the reply
+        records = [json.loads(line) for line in server.lines if '"trace-42"' in line]
+        time.sleep(0.02)
     assert records and records[-1]["status"] == "INVALID_ARGUMENT"
     assert records[-1]["model"] == "digits" and records[-1]["api"] == "classify"
     assert "junk" not in json.dumps(records[-1])  # the payload never reaches the log

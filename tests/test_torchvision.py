@@ -18,6 +18,9 @@ from export.model_entry import ExportSpec, export_entry
 from export.onnx_export import write_onnx
 from tests.test_fc_to_conv import crop_oracle
 
+# The suite runs them (CI too); `pytest -m "not slow"` leaves them out of a quick loop.
+pytestmark = pytest.mark.slow
+
 FAMILIES = ["alexnet", "resnet18", "mobilenet_v2", "mobilenet_v3_small"]
 
 
