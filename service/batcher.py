@@ -293,7 +293,7 @@ class BatchQueue:
                 self._executors[instance], self._timed, feeds, instance
             )
         except Exception as exc:
-            self._failed(batch, total, exc, stacked, elapsed)
+            self._fail(batch, exc)
             return False
         finally:
             self._busy.discard(instance)
@@ -307,7 +307,7 @@ class BatchQueue:
         try:
             outputs, elapsed = self._timed(feeds, instance)
         except Exception as exc:
-            self._failed(batch, total, exc, stacked, elapsed)
+            self._fail(batch, exc)
             return
         self._answer(batch, total, outputs, stacked, elapsed)
 
@@ -320,13 +320,6 @@ class BatchQueue:
         else:
             feeds = {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
         return feeds, sum(p.count for p in batch), time.perf_counter() - stacking
-
-    def _failed(
-        self, batch: list[Pending], total: int, exc: Exception, stacked: float, elapsed: float
-    ) -> None:
-        self._fail(batch, exc)
-        if self._observer:
-            self._observer.batch_done(total, len(batch), stacked, elapsed, 0)
 
     def _answer(
         self,
@@ -347,7 +340,7 @@ class BatchQueue:
         wrong = [o.shape for o in outputs if o.ndim == 0 or o.shape[0] != total]
         if wrong:
             error = ServingError(f"the model returned {list(wrong[0])} rows for a batch of {total}")
-            self._failed(batch, total, error, stacked, elapsed)
+            self._fail(batch, error)
             return
         splitting = time.perf_counter()
         offset = 0
@@ -373,6 +366,11 @@ class BatchQueue:
 
     @staticmethod
     def _fail(batch: list[Pending], exc: Exception) -> None:
+        """Fail every request of the batch with ``exc`` (logged unless a ServingError).
+
+        As in Triton, a failed batch is no inference or execution in the statistics; each
+        request's failure is counted where it finishes (the data plane).
+        """
         if not isinstance(exc, ServingError):
             log.exception("batch of %d requests failed in the runtime", len(batch), exc_info=exc)
             exc = ServingError("inference failed inside the runtime")

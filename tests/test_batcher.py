@@ -275,9 +275,9 @@ async def test_expired_and_cancelled_requests_cost_no_compute(executor) -> None:
 
 
 async def test_an_error_reaches_the_whole_batch_and_the_next_batch_runs(executor) -> None:
-    run = Recorder(fail_when=lambda x: bool((x < 0).any()))
+    run, seen = Recorder(fail_when=lambda x: bool((x < 0).any())), Counting()
     run.gate.clear()
-    queue = BatchQueue(run, [executor], max_batch_size=8)
+    queue = BatchQueue(run, [executor], max_batch_size=8, observer=seen)
     busy = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     await asyncio.to_thread(run.entered.wait, 5)
     doomed = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(2)]
@@ -290,6 +290,7 @@ async def test_an_error_reaches_the_whole_batch_and_the_next_batch_runs(executor
     after = await queue.submit({"x": rows(2, 5)}, 2, (3,), None)
     np.testing.assert_array_equal(after[0], rows(2, 5) * 2 + 1)
     assert run.sizes == [1, 3, 2]
+    assert seen.batches == [(1, 1), (2, 1)]  # the failed batch is no inference (as in Triton)
     await queue.close()
 
 
