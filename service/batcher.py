@@ -142,7 +142,7 @@ class BatchQueue:
         """
         if self._closing:
             raise Unavailable("the model version is being unloaded; retry")
-        if self._max_queue and len(self._queue) >= self._max_queue:
+        if self._max_queue and len(self._queue) >= self._max_queue and not self._purge():
             if self._observer:
                 self._observer.dropped("queue_full")
             raise ResourceExhausted(
@@ -167,6 +167,24 @@ class BatchQueue:
             self._observer.depth(self._images)
         self._arrived.set()
         return future
+
+    def _purge(self) -> bool:
+        """Drop the queued requests whose caller went away or whose deadline passed.
+
+        Called only when the queue looks full, so such dead entries never turn a live request
+        away; True when that made room.
+        """
+        now = time.monotonic()
+        alive: deque[Pending] = deque()
+        for pending in self._queue:
+            if self._usable(pending, now):
+                alive.append(pending)
+            else:
+                self._images -= pending.count
+        self._queue = alive
+        if self._observer:
+            self._observer.depth(self._images)
+        return len(alive) < self._max_queue
 
     async def close(self) -> None:
         """Stop taking requests, finish every queued one, then stop the workers."""

@@ -254,6 +254,25 @@ async def test_full_queue_is_refused_at_once(executor) -> None:
     await queue.close()
 
 
+async def test_a_cancelled_request_does_not_hold_a_place_in_a_full_queue(executor) -> None:
+    run = Recorder()
+    run.gate.clear()
+    queue = BatchQueue(run, [executor], max_batch_size=1, max_queue_size=2)
+    busy = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
+    await asyncio.to_thread(run.entered.wait, 5)
+    gone = queue.submit({"x": rows(1, 1)}, 1, (3,), None)
+    waiting = queue.submit({"x": rows(1, 2)}, 1, (3,), None)
+    gone.cancel()  # the caller went away; its entry is still queued
+    late = queue.submit({"x": rows(1, 3)}, 1, (3,), None)  # took the dead entry's place
+    with pytest.raises(ResourceExhausted):
+        queue.submit({"x": rows(1, 4)}, 1, (3,), None)  # two live ones waiting: full
+    run.gate.set()
+    await asyncio.gather(busy, waiting, late)
+    np.testing.assert_array_equal((await late)[0], rows(1, 3) * 2 + 1)
+    assert run.sizes == [1, 1, 1]
+    await queue.close()
+
+
 async def test_expired_and_cancelled_requests_cost_no_compute(executor) -> None:
     run = Recorder()
     run.gate.clear()
