@@ -7,6 +7,7 @@ request is looked up, checked, queued with its deadline, and answered from its b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from . import metrics
 from .codec import InferenceRequest
-from .errors import DeadlineExceeded, Unavailable
+from .errors import DeadlineExceeded, ServingError, Unavailable
 from .metrics import UNKNOWN_MODEL
 from .repository import ModelRepository, ServedModel
 from .validation import check_request
@@ -41,12 +42,22 @@ class DataPlane:
     def model(self, name: str, version: str, outcome: Outcome) -> ServedModel:
         """Look a served model up, refusing new work while draining."""
         if self.draining:
-            served = name in {m.name for m in self.repository.served()}
-            metrics.DROPPED.labels(name if served else UNKNOWN_MODEL, "draining").inc()
+            self.attribute(outcome, name, version)
+            metrics.DROPPED.labels(outcome.model, "draining").inc()
             raise Unavailable("the server is shutting down; retry on another replica")
         model = self.repository.get(name, version)
         outcome.model, outcome.version = model.name, str(model.version)
         return model
+
+    def attribute(self, outcome: Outcome, name: str, version: str) -> None:
+        """Name a refused request's model in its metrics, where that model is served.
+
+        For requests refused before the lookup (undecodable, or while draining); an unknown
+        name stays ``_unknown``, so clients cannot add label values.
+        """
+        with contextlib.suppress(ServingError):
+            model = self.repository.get(name, version)
+            outcome.model, outcome.version = model.name, str(model.version)
 
     async def infer(
         self, request: InferenceRequest, deadline: float | None, outcome: Outcome

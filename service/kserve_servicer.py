@@ -168,7 +168,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         if request.id:
             outcome.request_id = request.id
-        decoded = decode_request(request, self._max_elements)
+        try:
+            decoded = decode_request(request, self._max_elements)
+        except ServingError:
+            self._plane.attribute(outcome, request.model_name, request.model_version)
+            raise
         model, rows = await self._plane.infer(decoded, deadline, outcome)
         outputs = [
             (spec.name, spec.datatype, value)

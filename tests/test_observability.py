@@ -81,6 +81,21 @@ def test_exact_metric_deltas(server: ServerProcess) -> None:
             client.infer("digits", [digits_input(1, width=9)], request_id="bad-shape")
         with pytest.raises(InferenceServerException):
             client.infer("nope", [digits_input(1)])
+    # refused while decoding, before the model is looked up: still counted under digits
+    from tritonclient.grpc import service_pb2 as triton_pb
+
+    undecodable = triton_pb.ModelInferRequest(model_name="digits")
+    undecodable.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+    undecodable.raw_input_contents.append(b"\x00" * 12)  # 3 floats for 64
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=triton_pb.ModelInferRequest.SerializeToString,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            call(undecodable, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with triton.InferenceServerClient(server.grpc_address) as client:
         slow = triton.InferInput("x", [1, 1024], "FP32")
         slow.set_data_from_numpy(np.zeros((1, 1024), np.float32))
         with pytest.raises(InferenceServerException) as expired:
@@ -112,7 +127,7 @@ def test_exact_metric_deltas(server: ServerProcess) -> None:
             api="kserve",
             code="INVALID_ARGUMENT",
         )
-        == 1
+        == 2  # the bad shape, and the undecodable request
     )
     assert (
         delta(
@@ -138,7 +153,7 @@ def test_exact_metric_deltas(server: ServerProcess) -> None:
         delta("convserve_requests_total", model="digits_dense", version="1", api="dense", code="OK")
         == 1
     )
-    assert delta("convserve_request_duration_seconds_count", model="digits", api="kserve") == 4
+    assert delta("convserve_request_duration_seconds_count", model="digits", api="kserve") == 5
     assert delta("convserve_request_duration_seconds_count", model="_unknown", api="kserve") == 1
     assert delta("convserve_inferences_total", model="digits") == 7  # 1 + 2 + 3 + classify
     assert delta("convserve_batches_total", model="digits") == 4
