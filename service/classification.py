@@ -18,7 +18,7 @@ from PIL import Image
 
 from . import dense, images, metrics
 from .codec import InferenceRequest
-from .errors import InvalidArgument, ModelNotFound, ResourceExhausted
+from .errors import InvalidArgument, ModelNotFound, ResourceExhausted, Unavailable
 from .inference import DataPlane, Outcome
 from .model_info import DenseInfo, ModelInfo
 from .repository import DENSE_SUFFIX, ServedModel
@@ -283,7 +283,13 @@ class Classification:
             "",
             {name: batch.astype(model.inputs[0].dtype, copy=False)},
         )
-        _served, rows = await self._plane.infer(request, deadline, outcome)
+        try:
+            _served, rows = await self._plane.infer(request, deadline, outcome)
+        except ModelNotFound:  # the version looked up at the start went since (a reload)
+            raise Unavailable(
+                f"model '{model.name}' version {model.version} was replaced or unloaded while "
+                "this request ran; retry"
+            ) from None
         return rows[0]
 
     async def _batched(
