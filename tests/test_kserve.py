@@ -182,6 +182,14 @@ def test_classification_extension(client) -> None:
             value, position, label = entry.decode().split(":")
             assert int(position) == index and label == str(index)
             assert float(value) == pytest.approx(row[index], abs=1e-5)
+    # a score map ([N, K, H', W']) has no one score per class to rank
+    dense = triton.InferRequestedOutput("logits", class_count=3)
+    with pytest.raises(InferenceServerException) as refused:
+        client.infer(
+            "digits_dense", [digits_input(np.zeros((1, 1, 10, 10), np.float32))], outputs=[dense]
+        )
+    assert "INVALID_ARGUMENT" in str(refused.value.status())
+    assert "needs one score per class" in str(refused.value)
 
 
 def test_statistics_count_requests(client) -> None:
