@@ -8,17 +8,17 @@ in crops mode, the classifier on every window. Decoding and preprocessing run of
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from . import dense, images, metrics
 from .codec import InferenceRequest
-from .errors import InvalidArgument, ModelNotFound, ResourceExhausted, Unavailable
+from .errors import InvalidArgument, ModelNotFound, ResourceExhausted
 from .inference import DataPlane, Outcome
 from .model_info import DenseInfo, ModelInfo
 from .repository import DENSE_SUFFIX, ServedModel
@@ -80,6 +80,17 @@ class DenseResult:
     starts: list[list[int]]
     cells: int
     scales: tuple[float, ...] = field(default=(1.0,))
+
+
+async def _all(awaitables: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Every result in order; the first failure (or the caller's cancellation) cancels the rest."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
 
 
 def _same_shape(tensors: Sequence[np.ndarray]) -> None:
@@ -283,41 +294,34 @@ class Classification:
             "",
             {name: batch.astype(model.inputs[0].dtype, copy=False)},
         )
-        try:
-            _served, rows = await self._plane.infer(request, deadline, outcome)
-        except ModelNotFound:  # the version looked up at the start went since (a reload)
-            raise Unavailable(
-                f"model '{model.name}' version {model.version} was replaced or unloaded while "
-                "this request ran; retry"
-            ) from None
+        _served, rows = await self._plane.infer(request, deadline, outcome, served=model)
         return rows[0]
 
     async def _batched(
-        self, model: ServedModel, batch: np.ndarray, deadline: float | None, outcome: Outcome
+        self,
+        model: ServedModel,
+        batch: np.ndarray,
+        deadline: float | None,
+        outcome: Outcome,
+        slots: asyncio.Semaphore | None = None,
     ) -> np.ndarray:
         """Run more rows than one request may carry, as several requests of one model.
 
-        At most ``CHUNKS_IN_FLIGHT`` of them are queued at a time, so one large request neither
-        fills the model's queue (turning other clients away) nor runs alone for long; the first
-        that fails cancels the rest.
+        One client request (every scale of a ClassifyDense included, through ``slots``) has at
+        most ``CHUNKS_IN_FLIGHT`` of them queued at a time, so it neither fills the model's
+        queue (turning other clients away) nor runs alone for long; the first that fails
+        cancels the rest.
         """
         step = model.max_batch_size or 1
-        if len(batch) <= step:  # awaited in place: a gathered task costs two turns of the loop
+        if len(batch) <= step and slots is None:  # awaited in place: a task costs loop turns
             return await self._run(model, batch, deadline, outcome)
-        slots = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+        shared = slots or asyncio.Semaphore(CHUNKS_IN_FLIGHT)
 
         async def chunk(start: int) -> np.ndarray:
-            async with slots:
+            async with shared:
                 return await self._run(model, batch[start : start + step], deadline, outcome)
 
-        tasks = [asyncio.ensure_future(chunk(i)) for i in range(0, len(batch), step)]
-        try:
-            parts = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
-        return np.concatenate(parts)
+        return np.concatenate(await _all([chunk(i) for i in range(0, len(batch), step)]))
 
     # -- ClassifyDense --------------------------------------------------------------------
     def _check_query(self, query: DenseQuery) -> None:
@@ -404,9 +408,11 @@ class Classification:
             decoded = await self._off_loop(self._decode, classifier, image)
             tensor, size = None, (decoded.height, decoded.width)
         declared = classifier.inputs[0].shape[1] if len(classifier.inputs[0].shape) > 1 else 1
-        plan = self._plan(geometry, query, size, declared if declared > 0 else 3)
-        maps = await asyncio.gather(
-            *(
+        channels = declared if declared > 0 else (classifier.info.channels or 3)
+        plan = self._plan(geometry, query, size, channels)
+        slots = asyncio.Semaphore(CHUNKS_IN_FLIGHT)  # shared by every scale of this request
+        maps = await _all(
+            [
                 self._scale_map(
                     classifier,
                     twin,
@@ -418,9 +424,10 @@ class Classification:
                     counts,
                     deadline,
                     outcome,
+                    slots,
                 )
                 for scale, _scaled, counts in plan
-            )
+            ]
         )
         cells = sum(int(np.prod(counts)) for _s, _z, counts in plan)
         metrics.DENSE_CELLS.labels((twin or classifier).name).inc(cells)
@@ -461,6 +468,7 @@ class Classification:
         counts: tuple[int, ...],
         deadline: float | None,
         outcome: Outcome,
+        slots: asyncio.Semaphore,
     ) -> np.ndarray:
         if decoded is not None:
             assert classifier.info.preprocess is not None
@@ -474,14 +482,14 @@ class Classification:
                 if query.divisor == 1
                 else dense.shifted_copies(scaled, geometry.stride, query.divisor)
             )
-            scores = await self._batched(twin, copies, deadline, outcome)
+            scores = await self._batched(twin, copies, deadline, outcome, slots)
             return dense.softmax(
                 dense.interleave(scores, query.divisor, counts)
                 if query.divisor > 1
                 else scores[0][(slice(None), *(slice(0, c) for c in counts))]
             )
         windows = dense.crops(scaled, geometry.window, geometry.stride, query.divisor, counts)
-        scores = await self._batched(classifier, windows, deadline, outcome)  # [cells, K]
+        scores = await self._batched(classifier, windows, deadline, outcome, slots)  # [cells, K]
         return dense.softmax(np.ascontiguousarray(scores.T).reshape(scores.shape[1], *counts))
 
 

@@ -60,7 +60,11 @@ class DataPlane:
             outcome.model, outcome.version = model.name, str(model.version)
 
     async def infer(
-        self, request: InferenceRequest, deadline: float | None, outcome: Outcome
+        self,
+        request: InferenceRequest,
+        deadline: float | None,
+        outcome: Outcome,
+        served: ServedModel | None = None,
     ) -> tuple[ServedModel, list[np.ndarray]]:
         """Run ``request`` through its model's batcher.
 
@@ -68,6 +72,9 @@ class DataPlane:
             request: the decoded request.
             deadline: the gRPC deadline on the monotonic clock, if the client set one.
             outcome: filled with the model and version that answered.
+            served: the model, when a request already looked it up (a chunk of a larger one):
+                no second lookup, so a drain or a reload that began since does not refuse
+                the rest of work the server has accepted.
 
         Returns:
             The model that answered and this request's rows of every output.
@@ -75,7 +82,11 @@ class DataPlane:
         Raises:
             ServingError: unknown model, invalid input, full queue, deadline passed, draining.
         """
-        model = self.model(request.model_name, request.model_version, outcome)
+        if served is None:
+            model = self.model(request.model_name, request.model_version, outcome)
+        else:
+            model = served
+            outcome.model, outcome.version = model.name, str(model.version)
         count, key = check_request(request, model)
         started = time.monotonic()
         timeout_us = request.timeout_us or model.config.batching.default_timeout_microseconds

@@ -477,6 +477,11 @@ def test_a_request_of_many_chunks_fits_a_small_queue(repository: Path, held_out)
         by_crops = stub.ClassifyDense(request)
         request.mode = pb.MODE_DENSE
         by_dense = stub.ClassifyDense(request)
+        # three scales at once share the request's 4 places in the queue
+        request.mode = pb.MODE_CROPS
+        request.scales[:] = [1.0, 0.9, 0.8]
+        scaled = stub.ClassifyDense(request)
+    assert scaled.cells == 47 * 47 + 42 * 42 + 37 * 37
     assert by_crops.cells == 47 * 47
     np.testing.assert_allclose(
         np.frombuffer(by_crops.map.fp32_probabilities, np.float32),
