@@ -35,13 +35,14 @@ def _check_names(request: InferenceRequest, model: ServedModel) -> None:
             raise InvalidArgument(
                 f"output '{requested.name}' is unknown; model '{model.name}' has outputs {outputs}"
             )
-        spec = model.outputs[outputs.index(requested.name)]
-        per_item = len(spec.shape) - (1 if model.max_batch_size > 0 else 0)
-        if requested.classification and per_item != 1:
+        shape = model.outputs[outputs.index(requested.name)].shape
+        # Beyond the first axis (the batch, or a fixed 1), at most one axis that is not 1.
+        ranked = [d for d in shape[1:] if d != 1]
+        if requested.classification and len(ranked) > 1:
             raise InvalidArgument(
-                f"output '{requested.name}' is {list(spec.shape)}: the classification parameter "
-                "needs one score per class (a [batch, classes] output, or [classes] for a model "
-                "without a batch axis); a score map has none to rank"
+                f"output '{requested.name}' is {list(shape)}: the classification parameter "
+                "needs one score per class (a [batch, classes] output, or [classes]); a score "
+                "map has no one class axis to rank"
             )
 
 

@@ -28,6 +28,8 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     onnx_models.linear(root / "half" / "1", TensorProto.FLOAT16, WEIGHT.astype(np.float16))
     onnx_models.linear(root / "bytes8" / "1", TensorProto.UINT8, WEIGHT)
     onnx_models.slow(root / "slow" / "1", config={"max_batch_size": 16})
+    # no batch axis: the first dimension is the model's own
+    onnx_models.linear(root / "unbatched" / "1", TensorProto.FLOAT, WEIGHT, {"max_batch_size": 0})
     onnx_models.gather(
         root / "gather" / "1",
         config={"max_batch_size": 4, "dynamic_batching": {"max_queue_delay_microseconds": 300_000}},
@@ -190,6 +192,20 @@ def test_classification_extension(client) -> None:
         )
     assert "INVALID_ARGUMENT" in str(refused.value.status())
     assert "needs one score per class" in str(refused.value)
+
+
+def test_a_model_without_a_batch_axis_answers_whole_and_ranks(client) -> None:
+    x = np.random.default_rng(8).standard_normal((2, 4)).astype(np.float32)
+    tensor = triton.InferInput("features", [2, 4], "FP32")
+    tensor.set_data_from_numpy(x)
+    scores = client.infer("unbatched", [tensor]).as_numpy("scores")
+    np.testing.assert_allclose(scores, x @ WEIGHT, rtol=1e-5, atol=1e-6)
+    ranked = client.infer(
+        "unbatched", [tensor], outputs=[triton.InferRequestedOutput("scores", class_count=2)]
+    ).as_numpy("scores")
+    assert ranked.shape == (2, 2)
+    for row, entries in zip(x @ WEIGHT, ranked, strict=True):
+        assert [int(e.decode().split(":")[1]) for e in entries] == list(np.argsort(-row)[:2])
 
 
 def test_statistics_count_requests(client) -> None:
