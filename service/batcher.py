@@ -68,7 +68,10 @@ class BatchObserver(Protocol):
         compute_seconds: float,
         output_seconds: float,
     ) -> None:
-        """A batch ran (successfully or not): stacking its inputs, the model, splitting outputs."""
+        """A batch ran and was answered: stacking its inputs, the model, splitting outputs.
+
+        A batch that failed is not reported (as in Triton, it is no inference or execution).
+        """
 
     def queued(self, waited_seconds: float) -> None:
         """A request left the queue for a batch."""
@@ -303,7 +306,6 @@ class BatchQueue:
             self._run_inline(batch, instance)
             return True
         feeds, total, stacked = self._stack(batch)
-        elapsed = 0.0
         self._busy.add(instance)
         try:
             loop = asyncio.get_running_loop()
@@ -321,7 +323,6 @@ class BatchQueue:
     def _run_inline(self, batch: list[Pending], instance: int) -> None:
         """Run one batch on the loop's own turn (no thread hop) and answer its requests."""
         feeds, total, stacked = self._stack(batch)
-        elapsed = 0.0
         try:
             outputs, elapsed = self._timed(feeds, instance)
         except Exception as exc:

@@ -185,10 +185,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Answers arrive in completion order; an error is reported in-band, per request.
 
-        Each message counts as a request (api ``kserve_stream``). At most
-        ``STREAM_IN_FLIGHT`` messages of one stream are in the server at a time, and answers
-        the client does not read hold their slots, so a client that only writes is slowed by
-        HTTP/2 flow control instead of filling the server's memory.
+        Each message counts as a KServe request in the metrics (api ``kserve``, as DESIGN's
+        label values have it). At most ``STREAM_IN_FLIGHT`` messages of one stream are in the
+        server at a time, plus as many answers waiting for the client to read them (a message
+        whose answer cannot be queued keeps its place), so a client that only writes is slowed
+        by HTTP/2 flow control instead of growing the server's memory.
         """
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(STREAM_IN_FLIGHT)
         slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
@@ -198,7 +199,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             outcome = Outcome()
             try:
                 response = await counted(
-                    "kserve_stream", outcome, self._infer(message, deadline_of(context), outcome)
+                    "kserve", outcome, self._infer(message, deadline_of(context), outcome)
                 )
                 answer = pb.ModelStreamInferResponse(infer_response=response)
             except ServingError as exc:

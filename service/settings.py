@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import BUNDLED_REPOSITORY
+from .event_loop import CHOICES as EVENT_LOOPS
 
 __all__ = ["ENV_PREFIX", "Settings", "add_arguments", "from_arguments", "parse_value"]
 
@@ -89,7 +90,7 @@ class Settings:
     event_loop: str = _setting(
         "auto",
         "asyncio event loop: uvloop, asyncio, or auto (uvloop where installed)",
-        choices=("auto", "uvloop", "asyncio"),
+        choices=EVENT_LOOPS,
     )
 
     def __post_init__(self) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service import BUNDLED_REPOSITORY
-from service.runtime import DeviceChoice, Runtime, available_cores
+from service.runtime import DeviceChoice, Runtime, _cgroup_quota, available_cores
 
 MODEL = BUNDLED_REPOSITORY / "digits" / "1" / "model.onnx"
 
@@ -107,24 +107,26 @@ async def test_the_operators_thread_count_is_kept_and_real_models_keep_theirs() 
 
 
 @pytest.mark.parametrize(
-    ("files", "limit"),
+    ("files", "quota"),
     [
-        ({"cpu.max": "150000 100000\n"}, 1),  # v2: 1.5 cores
-        ({"cpu.max": "50000 100000\n"}, 1),  # under a core: one
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # v2
         ({"cpu.max": "max 100000\n"}, None),
-        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+        ({"cpu/cpu.cfs_quota_us": "250000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.5),  # v1
         (
             {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
             None,
         ),
+        ({"cpu.max": "garbage\n"}, None),
         ({}, None),
     ],
 )
 def test_the_cgroup_cpu_limit_caps_the_cores(
-    tmp_path: Path, files: dict[str, str], limit: int | None
+    tmp_path: Path, files: dict[str, str], quota: float | None
 ) -> None:
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
+    assert _cgroup_quota(tmp_path) == quota
     unlimited = available_cores(tmp_path / "nowhere")
-    assert available_cores(tmp_path) == (unlimited if limit is None else min(unlimited, limit))
+    expected = unlimited if quota is None else min(unlimited, max(1, int(quota)))
+    assert available_cores(tmp_path) == expected

@@ -126,7 +126,7 @@ def test_stream_infer() -> None:
         text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
         for code, count in (("OK", 305), ("INVALID_ARGUMENT", 1)):
             assert (
-                f'convserve_requests_total{{api="kserve_stream",code="{code}",model="digits",'
+                f'convserve_requests_total{{api="kserve",code="{code}",model="digits",'
                 f'version="1"}} {count}.0'
             ) in text, text
 

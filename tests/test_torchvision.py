@@ -63,9 +63,13 @@ def test_family_exports_with_dense_variant(name: str, reports: dict) -> None:
     session = ort.InferenceSession(str(report.dense_path), providers=["CPUExecutionProvider"])
     dense = session.run(None, {"input": image[None]})[0][0][:, :1, :3]
     measured = float(np.abs(dense - oracle).max())
-    # Measured here: alexnet 0.0023 against 0.0032 recorded, resnet18 0.84 against 1.85; the
-    # untrained MobileNets answer nearly the same for any input (1e-9 both ways).
-    assert report.check.max_abs_dev / 4 < measured < report.check.max_abs_dev * 4
+    # Measured here: alexnet 0.0023 against 0.0032 recorded, resnet18 0.84 against 1.85. The
+    # untrained MobileNets answer nearly the same for any input (1e-9 both ways, float noise),
+    # so for them both figures only need to be that small.
+    if report.check.max_abs_dev < 1e-6:
+        assert measured < 1e-6
+    else:
+        assert report.check.max_abs_dev / 4 < measured < report.check.max_abs_dev * 4
     meta = {p.key: json.loads(p.value) for p in onnx.load(str(report.dense_path)).metadata_props}
     assert meta["convserve.dense"]["max_abs_dev"] == pytest.approx(report.check.max_abs_dev)
     assert meta["convserve.dense"]["exact"] is False
