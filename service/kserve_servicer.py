@@ -6,7 +6,6 @@ statuses in :mod:`service.rpc`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import TypeAlias
@@ -28,6 +27,7 @@ from .kserve_messages import (
 )
 from .rpc import counted, deadline_of, inference_rpc, rpc
 from .siblings import Siblings, wants_local_only
+from .streams import completion_order
 
 __all__ = ["KServeServicer"]
 
@@ -186,57 +186,25 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Answers arrive in completion order; an error is reported in-band, per request.
 
         Each message counts as a KServe request in the metrics (api ``kserve``, as DESIGN's
-        label values have it). At most ``STREAM_IN_FLIGHT`` messages of one stream are in the
-        server at a time, plus as many answers waiting for the client to read them (a message
-        whose answer cannot be queued keeps its place), so a client that only writes is slowed
-        by HTTP/2 flow control instead of growing the server's memory.
+        label values have it); at most ``STREAM_IN_FLIGHT`` are answered at once, and as many
+        answers wait unread (see :mod:`service.streams`).
         """
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(STREAM_IN_FLIGHT)
-        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
-        tasks: set[asyncio.Task[None]] = set()
 
-        async def one(message: pb.ModelInferRequest) -> None:
+        async def one(message: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             outcome = Outcome()
             try:
                 response = await counted(
                     "kserve", outcome, self._infer(message, deadline_of(context), outcome)
                 )
-                answer = pb.ModelStreamInferResponse(infer_response=response)
+                return pb.ModelStreamInferResponse(infer_response=response)
             except ServingError as exc:
-                answer = pb.ModelStreamInferResponse(
-                    error_message=exc.message,
-                    infer_response=pb.ModelInferResponse(id=message.id),
-                )
+                error = exc.message
             except Exception:
                 log.exception("stream request failed")
-                answer = pb.ModelStreamInferResponse(
-                    error_message="internal error (logged by the server)",
-                    infer_response=pb.ModelInferResponse(id=message.id),
-                )
-            await answers.put(answer)
+                error = "internal error (logged by the server)"
+            return pb.ModelStreamInferResponse(
+                error_message=error, infer_response=pb.ModelInferResponse(id=message.id)
+            )
 
-        def release(task: asyncio.Task[None]) -> None:
-            tasks.discard(task)
-            slots.release()
-
-        async def read() -> None:
-            try:
-                async for message in request_iterator:
-                    await slots.acquire()
-                    task = asyncio.create_task(one(message))
-                    tasks.add(task)
-                    task.add_done_callback(release)
-                await asyncio.gather(*list(tasks))
-            except Exception as exc:  # the request stream broke: answer what was read, then end
-                log.warning("stream request iterator failed: %s", exc)
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            await answers.put(None)  # not when cancelled: then nobody reads any more
-
-        reader = asyncio.create_task(read())
-        try:
-            while (answer := await answers.get()) is not None:
-                yield answer
-        finally:
-            reader.cancel()
-            for task in tasks:
-                task.cancel()
+        async for answer in completion_order(request_iterator, one, STREAM_IN_FLIGHT):
+            yield answer
