@@ -134,6 +134,11 @@ class BatchQueue:
             for i in range(len(self._executors))
         ]
 
+    @property
+    def may_run_inline(self) -> bool:
+        """Whether batches that compute fast enough may run on the event loop at all."""
+        return self._inline_below > 0
+
     def submit(
         self, inputs: Mapping[str, np.ndarray], count: int, key: Hashable, deadline: float | None
     ) -> asyncio.Future[list[np.ndarray]]:

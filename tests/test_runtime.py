@@ -92,6 +92,12 @@ async def test_the_operators_thread_count_is_kept_and_real_models_keep_theirs() 
             )
             await repository.load_all()
             try:
+                # Only fixed input shapes may run on the loop: one dense image far larger than
+                # the average so far would stall it.
+                assert repository.get("digits", "").batcher.may_run_inline == bool(
+                    settings.inline_compute_microseconds
+                )
+                assert not repository.get("digits_dense", "").batcher.may_run_inline
                 return repository.get(name, "").runtime.threads
             finally:
                 await repository.close()
