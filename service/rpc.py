@@ -83,6 +83,21 @@ def _record(outcome: Outcome, api: str, code: str, reason: str, elapsed: float) 
 T = TypeVar("T")
 
 
+def _status_of(
+    exc: BaseException, context: grpc.aio.ServicerContext | None = None
+) -> tuple[str, str]:
+    """The status code name and the reason a failed request is counted under."""
+    if isinstance(exc, ServingError):
+        return exc.code.name, exc.message
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED", "the client went away"
+    if isinstance(exc, grpc.aio.AbortError) and context is not None:  # aborted by the method
+        status = context.code()
+        code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+        return code, "aborted by the handler"
+    return "INTERNAL", "unexpected error (traceback logged)"
+
+
 async def counted(api: str, outcome: Outcome, work: Awaitable[T]) -> T:
     """Await one request that is not an RPC of its own (a stream's message), counted as one.
 
@@ -93,14 +108,8 @@ async def counted(api: str, outcome: Outcome, work: Awaitable[T]) -> T:
     metrics.INFLIGHT.inc()
     try:
         return await work
-    except ServingError as exc:
-        code, reason = exc.code.name, exc.message
-        raise
-    except asyncio.CancelledError:
-        code, reason = "CANCELLED", "the client went away"
-        raise
-    except Exception:
-        code, reason = "INTERNAL", "unexpected error (traceback logged)"
+    except (Exception, asyncio.CancelledError) as exc:
+        code, reason = _status_of(exc)
         raise
     finally:
         _record(outcome, api, code, reason, time.perf_counter() - started)
@@ -153,19 +162,10 @@ def inference_rpc(
             metrics.INFLIGHT.inc()
             try:
                 return await method(self, request, context, outcome)
-            except ServingError as exc:
-                code, reason = exc.code.name, exc.message
-                await _abort(context, exc)
-            except asyncio.CancelledError:
-                code, reason = "CANCELLED", "the client went away"
-                raise
-            except grpc.aio.AbortError:  # the method aborted the call itself
-                status = context.code()
-                code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
-                reason = "aborted by the handler"
-                raise
-            except Exception as exc:
-                code, reason = "INTERNAL", "unexpected error (traceback logged)"
+            except (Exception, asyncio.CancelledError) as exc:
+                code, reason = _status_of(exc, context)
+                if isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError)):
+                    raise
                 await _abort(context, exc)
             finally:
                 _record(outcome, api, code, reason, time.perf_counter() - started)
