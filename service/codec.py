@@ -183,9 +183,8 @@ def decode_request(request: pb.ModelInferRequest, max_elements: int) -> Inferenc
     )
 
 
-def _classification(scores: np.ndarray, k: int, labels: Sequence[str] | None) -> bytes:
-    """Triton's classification extension: per row, top-k "value:index[:label]" BYTES."""
-    rows = scores.reshape(1 if scores.ndim <= 1 else scores.shape[0], -1)
+def _classification(rows: np.ndarray, k: int, labels: Sequence[str] | None) -> bytes:
+    """Triton's classification extension: per row of ``rows``, top-k "value:index[:label]"."""
     k = min(k, rows.shape[1])
     top = np.argsort(-rows, axis=1, kind="stable")[:, :k]
     parts = []
@@ -224,11 +223,11 @@ def encode_response(
         datatype, value = by_name[requested.name]
         tensor = response.outputs.add(name=requested.name)
         if requested.classification:
-            per_row = value.size if value.ndim <= 1 else value.size // max(1, value.shape[0])
-            k = min(requested.classification, per_row or 1)
+            rows = value.reshape(1 if value.ndim <= 1 else value.shape[0], -1)
+            k = min(requested.classification, rows.shape[1] or 1)
             tensor.datatype = "BYTES"
-            tensor.shape.extend([k] if value.ndim <= 1 else [value.shape[0], k])
-            response.raw_output_contents.append(_classification(value, k, labels))
+            tensor.shape.extend([k] if value.ndim <= 1 else [rows.shape[0], k])
+            response.raw_output_contents.append(_classification(rows, k, labels))
         else:
             tensor.datatype = datatype
             tensor.shape.extend(value.shape)
