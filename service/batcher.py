@@ -17,6 +17,10 @@ Contract:
   batch) and at most ``max_batch_size`` images, cut at the largest preferred size that fits.
 * Requests whose deadline has passed or whose caller has gone are dropped before they cost
   compute. An error in a batch reaches every request in it; the next batch runs normally.
+* ``close`` lets work already holding the batcher (:meth:`BatchQueue.held`: a request that
+  submits several times, such as a Classify of more images than one batch takes, with its
+  decoding in between) finish before it refuses new submissions, so a reload or an unload that
+  swaps the version out in the middle of such a request does not refuse its later parts.
 * A batch runs in the thread pool, so the event loop keeps accepting while ONNX Runtime works;
   but when batches typically take less than ``inline_below_seconds`` (tiny models), the hop to a
   thread and back (0.1-0.3 ms here, several times that under GIL contention) costs more than the
@@ -29,10 +33,11 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -129,6 +134,8 @@ class BatchQueue:
         self._images = 0
         self._arrived = asyncio.Event()
         self._closing = False
+        self._holders = 0  # requests that will submit again (see held)
+        self._released = asyncio.Event()
         self._workers = [
             asyncio.create_task(self._work(i), name=f"batch-worker-{i}")
             for i in range(len(self._executors))
@@ -194,8 +201,26 @@ class BatchQueue:
             self._observer.depth(self._images)
         return len(alive) < self._max_queue
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep submissions open for the block: a request with several parts, all on this batcher.
+
+        Taken by a request right after it looked the model up (nothing awaited in between), so
+        :meth:`close` lets all of its parts run, however late they come.
+        """
+        self._holders += 1
+        try:
+            yield
+        finally:
+            self._holders -= 1
+            if not self._holders:
+                self._released.set()
+
     async def close(self) -> None:
-        """Stop taking requests, finish every queued one, then stop the workers."""
+        """Wait for the holders, stop taking requests, finish every queued one, stop the workers."""
+        while self._holders:
+            self._released.clear()
+            await self._released.wait()
         self._closing = True
         self._arrived.set()
         await asyncio.gather(*self._workers, return_exceptions=True)

@@ -8,7 +8,8 @@ in crops mode, the classifier on every window. Decoding and preprocessing run of
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Sequence
+import contextlib
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -80,6 +81,16 @@ class DenseResult:
     starts: list[list[int]]
     cells: int
     scales: tuple[float, ...] = field(default=(1.0,))
+
+
+@contextlib.contextmanager
+def _held(*models: ServedModel | None) -> Iterator[None]:
+    """Hold each model's batcher open for the block (see BatchQueue.held)."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            if model is not None:
+                stack.enter_context(model.batcher.held())
+        yield
 
 
 async def _all(awaitables: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
@@ -276,10 +287,13 @@ class Classification:
         model = self._classifier(name, version, outcome)
         if not inputs:
             raise InvalidArgument("no images in the request")
-        tensors = await self._tensors(model, inputs)
-        _same_shape(tensors)
-        # More images than max_batch_size become several requests to the same batcher.
-        scores = await self._batched(model, np.stack(tensors), deadline, outcome)
+        # Decoding, then possibly several chunks: all on this version, even if a reload swaps
+        # it out meanwhile.
+        with _held(model):
+            tensors = await self._tensors(model, inputs)
+            _same_shape(tensors)
+            # More images than max_batch_size become several requests to the same batcher.
+            scores = await self._batched(model, np.stack(tensors), deadline, outcome)
         labels = _labels(model.info, scores.shape[1])
         k = top_k or DEFAULT_TOP_K
         return model, [_top(dense.softmax(row[:, None])[:, 0], k, labels) for row in scores]
@@ -394,6 +408,18 @@ class Classification:
         self._check_query(query)
         classifier = self._classifier(name, version, outcome)
         twin = self._dense_twin(classifier, outcome) if query.mode == "dense" else None
+        with _held(classifier, twin):  # every scale and chunk on these versions (see classify)
+            return await self._dense_result(classifier, twin, image, query, deadline, outcome)
+
+    async def _dense_result(
+        self,
+        classifier: ServedModel,
+        twin: ServedModel | None,
+        image: ImageInput,
+        query: DenseQuery,
+        deadline: float | None,
+        outcome: Outcome,
+    ) -> DenseResult:
         geometry = classifier.info.dense or (twin.info.dense if twin else None)
         if geometry is None:
             raise InvalidArgument(

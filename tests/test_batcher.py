@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.batcher import LONE_WINDOWS, PROBE_EVERY, BatchQueue
-from service.errors import DeadlineExceeded, ResourceExhausted, ServingError
+from service.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
 
 
 class Recorder:
@@ -238,6 +238,21 @@ async def test_a_batch_that_cannot_be_stacked_fails_alone_and_the_worker_lives_o
     after = await asyncio.wait_for(queue.submit({"x": rows(2, 5)}, 2, (3,), None), 10)
     np.testing.assert_array_equal(after[0], rows(2, 5) * 2 + 1)
     await queue.close()
+
+
+async def test_close_lets_a_holder_submit_its_later_parts_then_refuses(executor) -> None:
+    queue = BatchQueue(Recorder(), [executor], max_batch_size=4)
+    with queue.held():
+        first = await queue.submit({"x": rows(1, 0)}, 1, (3,), None)
+        closing = asyncio.create_task(queue.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done()  # it waits for the holder
+        later = await queue.submit({"x": rows(2, 5)}, 2, (3,), None)
+    await asyncio.wait_for(closing, 5)
+    np.testing.assert_array_equal(first[0], rows(1, 0) * 2 + 1)
+    np.testing.assert_array_equal(later[0], rows(2, 5) * 2 + 1)
+    with pytest.raises(Unavailable, match="being unloaded"):
+        queue.submit({"x": rows(1, 0)}, 1, (3,), None)
 
 
 async def test_full_queue_is_refused_at_once(executor) -> None:

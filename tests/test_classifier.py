@@ -8,11 +8,15 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
@@ -661,3 +665,76 @@ def test_tiny_images_decode_on_the_loop_and_large_ones_on_decoding_threads() -> 
     assert report["same_answer"]  # wherever an image was decoded, the answer is the same
     # A header that cannot be read says nothing of the size: the thread reports it as ever.
     assert "not a readable" in report["broken"]
+
+
+def _samples(server: ServerProcess, name: str, model: str) -> list[tuple[dict[str, str], float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and sample.labels.get("model") == model
+    ]
+
+
+def _ready_versions(server: ServerProcess, model: str) -> set[str]:
+    return {
+        labels["version"]
+        for labels, value in _samples(server, "convserve_model_ready", model)
+        if value == 1
+    }
+
+
+def _batches(server: ServerProcess, model: str) -> float:
+    return sum(value for _, value in _samples(server, "convserve_batch_size_count", model))
+
+
+def test_a_reload_in_the_middle_of_a_classify_lets_all_its_chunks_run(tmp_path: Path) -> None:
+    """A Classify of 256 chunks of a slow model, 4 at a time; version 2 is swapped in meanwhile.
+
+    The chunks queued after the swap still go to version 1, which closes only once the request
+    that held it is done (before, they met a closed batcher: UNAVAILABLE).
+    """
+    from service._generated.inference import grpc_service_pb2 as kserve
+    from service._generated.inference import grpc_service_pb2_grpc as kserve_grpc
+    from tests import onnx_models
+
+    path = onnx_models.slow(tmp_path / "slow" / "1", depth=64, config={"max_batch_size": 4})
+    rows = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    request = pb.ClassifyRequest(
+        model="slow",
+        top_k=1,
+        images=[pb.Image(tensor=pb.Tensor(shape=[1024], fp32_data=row.tobytes())) for row in rows],
+    )
+    with (
+        ServerProcess(tmp_path) as server,
+        grpc.insecure_channel(server.grpc_address) as channel,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        stub = pb_grpc.ClassifierStub(channel)
+        classify = pool.submit(stub.Classify, request, timeout=120)
+        give_up = time.monotonic() + 60
+        while _batches(server, "slow") < 2 and time.monotonic() < give_up:
+            time.sleep(0.005)
+        shutil.copytree(tmp_path / "slow" / "1", tmp_path / "slow" / "2")
+        load = kserve_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad
+        loading = pool.submit(
+            load, kserve.RepositoryModelLoadRequest(model_name="slow"), timeout=120
+        )
+        while "2" not in _ready_versions(server, "slow") and time.monotonic() < give_up:
+            time.sleep(0.005)
+        early = classify.done()
+        reply = classify.result()
+        assert not early, "the Classify ended before the swap: the test tests nothing"
+        loading.result()
+        assert _ready_versions(server, "slow") == {"2"}
+        assert reply.version == "1"
+    # Every image answered, in order (first and last chunks checked against ONNX Runtime).
+    assert len(reply.results) == len(rows)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ends = np.concatenate([rows[:8], rows[-8:]])
+    (scores,) = session.run(None, {"x": ends})
+    top = [r.top[0].index for r in [*reply.results[:8], *reply.results[-8:]]]
+    assert top == scores.argmax(axis=1).tolist()
