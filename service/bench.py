@@ -72,39 +72,61 @@ class ServedRow:
     connections: int
 
 
-def raw_benchmark(
-    path: Path, device: str, batch_sizes: list[int], seconds: float, cpu_threads: int
-) -> list[RawRow]:
-    """Images/s and time per batch of the model run in-process, as the server would run it.
+class RawLimit:
+    """The model in-process, as the server would run it: measured at the start and beside steps.
 
     With the server's default threads, a tiny model gets the server's choice between them and
     one thread (:meth:`Runtime.single_thread_if_cheaper`).
     """
-    runtime = Runtime(path, DeviceChoice(device), 1, cpu_threads, dynamic_shapes=False)
-    spec = runtime.inputs[0]
-    samples = [
-        {
-            spec.name: np.random.default_rng(0)
-            .standard_normal((batch, *spec.shape[1:]))
-            .astype(spec.dtype)
+
+    def __init__(self, path: Path, device: str, batch_sizes: list[int], cpu_threads: int) -> None:
+        self._runtime = Runtime(path, DeviceChoice(device), 1, cpu_threads, dynamic_shapes=False)
+        spec = self._runtime.inputs[0]
+        self._samples = {
+            batch: {
+                spec.name: np.random.default_rng(0)
+                .standard_normal((batch, *spec.shape[1:]))
+                .astype(spec.dtype)
+            }
+            for batch in batch_sizes
         }
-        for batch in batch_sizes
-    ]
-    runtime.warm_up(samples)
-    if not cpu_threads:
-        runtime.single_thread_if_cheaper(samples, Settings.inline_compute_microseconds / 1e6)
-    rows = []
-    for batch, feeds in zip(batch_sizes, samples, strict=True):
-        for _ in range(3):
-            runtime.run(feeds)
-        runs, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            runtime.run(feeds)
-            runs += 1
-        elapsed = time.perf_counter() - started
-        rows.append(RawRow(batch, runs * batch / elapsed, elapsed / runs * 1000, runtime.threads))
-    runtime.close()
-    return rows
+        self._runtime.warm_up(list(self._samples.values()))
+        if not cpu_threads:
+            self._runtime.single_thread_if_cheaper(
+                list(self._samples.values()), Settings.inline_compute_microseconds / 1e6
+            )
+
+    def measure(self, batch_sizes: list[int], seconds: float) -> list[RawRow]:
+        """Images/s and time per batch at each of ``batch_sizes`` (given to the constructor)."""
+        rows = []
+        for batch in batch_sizes:
+            feeds = self._samples[batch]
+            for _ in range(3):
+                self._runtime.run(feeds)
+            runs, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                self._runtime.run(feeds)
+                runs += 1
+            elapsed = time.perf_counter() - started
+            rows.append(
+                RawRow(batch, runs * batch / elapsed, elapsed / runs * 1000, self._runtime.threads)
+            )
+        return rows
+
+    def close(self) -> None:
+        """Stop the runtime's threads."""
+        self._runtime.close()
+
+
+def raw_benchmark(
+    path: Path, device: str, batch_sizes: list[int], seconds: float, cpu_threads: int
+) -> list[RawRow]:
+    """Images/s and time per batch of the model run in-process, as the server would run it."""
+    limit = RawLimit(path, device, batch_sizes, cpu_threads)
+    try:
+        return limit.measure(batch_sizes, seconds)
+    finally:
+        limit.close()
 
 
 def _kserve_payload(runtime: Runtime) -> bytes:
@@ -737,23 +759,26 @@ def _averaged(before: RawRow, after: RawRow) -> RawRow:
     )
 
 
-def _ratios(raw: list[RawRow], served: list[ServedRow]) -> list[str]:
-    """Served against raw; ``raw`` is the average of the runs before and after the load."""
-    if not raw:
-        return []
-    best = max(r.images_per_second for r in raw)
+def _ratios(served: list[ServedRow], limits: list[dict[int, RawRow]]) -> list[str]:
+    """Each served step against the limit measured just before and just after it.
+
+    ``limits[i]``: step i's limit, averaged over those two runs, by batch size (the best batch
+    size of the first sweep, and batch 1).
+    """
     lines = []
-    for row in served:
+    for row, limit in zip(served, limits, strict=True):
+        best = max(limit.values(), key=lambda r: r.images_per_second)
         lines.append(
             f"{row.api} c={row.concurrency}: served/raw-best throughput "
-            f"{row.requests_per_second / best:.2f}"
+            f"{row.requests_per_second / best.images_per_second:.2f} (raw batch {best.batch} "
+            f"beside it: {best.images_per_second:.1f} images/s)"
         )
-    batch_one = next((r for r in raw if r.batch == 1), None)
-    for row in served:
-        if row.concurrency == 1 and batch_one is not None:
+    for row, limit in zip(served, limits, strict=True):
+        if row.concurrency == 1 and 1 in limit:
             lines.append(
                 f"{row.api}: p50 at c=1 minus raw batch-1 latency "
-                f"{row.p50_ms - batch_one.ms_per_batch:+.2f} ms"
+                f"{row.p50_ms - limit[1].ms_per_batch:+.2f} ms (raw beside it: "
+                f"{limit[1].ms_per_batch:.3f} ms)"
             )
     return lines
 
@@ -835,9 +860,18 @@ def run(args: argparse.Namespace) -> int:
         "batching": [],
         "floor": [],
         "raw_after": [],
+        "raw_beside": [],
     }
-    raw = raw_benchmark(path, args.device, batches, seconds, args.cpu_threads)
+    limit = RawLimit(path, args.device, batches, args.cpu_threads)
+    raw = limit.measure(batches, seconds)
     results["raw"] = [asdict(r) for r in raw]
+    # The limit beside every step: the best batch size and batch 1, measured again after each
+    # step, so each step's ratios stand on the limit just before and just after it.
+    best = max(raw, key=lambda r: r.images_per_second).batch
+    beside_batches = sorted({best, 1} & set(batches))
+    beside_seconds = seconds / 4
+    latest = {r.batch: r for r in raw}
+    limits: list[dict[int, RawRow]] = []  # per step: the limit around it, averaged
     served: list[ServedRow] = []
     if not args.raw:
         kserve = (KSERVE_METHOD, _kserve_payload(runtime))  # also for the comparisons
@@ -864,6 +898,12 @@ def run(args: argparse.Namespace) -> int:
                             generator,
                         )
                     )
+                    after = limit.measure(beside_batches, beside_seconds)
+                    results["raw_beside"].extend(
+                        {"api": api, "concurrency": level, **asdict(r)} for r in after
+                    )
+                    limits.append({r.batch: _averaged(latest[r.batch], r) for r in after})
+                    latest.update((r.batch, r) for r in after)
             if args.dense:
                 results["dense"] = [
                     dense_comparison(server.grpc_address, args.model, 2 if args.smoke else 5)
@@ -889,11 +929,11 @@ def run(args: argparse.Namespace) -> int:
                 results["ratios"].extend(lines)
         # The limit again, after the load: on a shared machine it drifts, and the ratios
         # should not hang on one moment's luck.
-        raw_after = raw_benchmark(path, args.device, batches, seconds, raw[0].threads)
+        raw_after = limit.measure(batches, seconds)
         results["raw_after"] = [asdict(r) for r in raw_after]
-        raw = [_averaged(a, b) for a, b in zip(raw, raw_after, strict=True)]
+    limit.close()
     results["served"] = [asdict(r) for r in served]
-    results["ratios"] = _ratios(raw, served) + results["ratios"]
+    results["ratios"] = _ratios(served, limits) + results["ratios"]
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "bench.json").write_text(json.dumps(results, indent=2))
     plotted = bool(served) and _plot(results, args.output / "bench.png")

@@ -53,7 +53,16 @@ def test_bench_smoke(tmp_path: Path) -> None:
     # The server the bench started is on this machine: its CPU per request is known.
     assert all(r["server_cpu_ms_per_request"] > 0 for r in results["served"])
     assert any(line.startswith("batching on/off at c=4") for line in results["ratios"])
-    assert any("served/raw-best throughput" in line for line in results["ratios"])
+    # Each step's ratios stand on the limit measured just before and just after it.
+    steps = [(r["api"], r["concurrency"]) for r in results["served"]]
+    beside = [(r["api"], r["concurrency"]) for r in results["raw_beside"]]
+    best = max(results["raw"], key=lambda r: r["images_per_second"])["batch"]
+    assert beside == [step for step in steps for _ in sorted({1, best})]
+    assert {r["batch"] for r in results["raw_beside"]} == {1, best}
+    throughput = [line for line in results["ratios"] if "served/raw-best throughput" in line]
+    assert len(throughput) == len(steps) and all("beside it" in line for line in throughput)
+    latency = [line for line in results["ratios"] if "p50 at c=1 minus raw batch-1" in line]
+    assert len(latency) == 2  # kserve and classify
     assert results["dense"][0]["cells"] > 0
     # Batching as configured, off, and with a window (also at c=1), in alternating rounds.
     assert {(r["api"], r["concurrency"]) for r in results["batching"]} == {
