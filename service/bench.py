@@ -5,7 +5,10 @@ The limit is the same model run in-process by ONNX Runtime with the server's own
 free ports unless ``--server`` names one), loaded from a third process (h2load, or
 :mod:`service.loadgen`) so the load generator never shares the server's GIL; its own CPU use is
 reported because on a small machine it competes for the same cores. ``--dense`` compares
-ClassifyDense with ``mode=crops``. Results go to JSON and a PNG plot.
+ClassifyDense with ``mode=crops``. ``--apis stream`` sends KServe requests over ModelStreamInfer
+(one stream per connection, the concurrency in flight over them), always from
+:mod:`service.loadgen`, since h2load cannot tell which answer is whose. Results go to JSON and a
+PNG plot.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = ["add_commands", "dense_comparison", "raw_benchmark", "served_benchmar
 
 KSERVE_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 CLASSIFY_METHOD = "/convserve.v1.Classifier/Classify"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class ServedRow:
     queue_ms: float
     server_cpu_ms_per_request: float
     connections: int
+    generator: str
 
 
 class RawLimit:
@@ -169,7 +174,7 @@ def _with_model(payload: bytes, method: str, model: str) -> bytes:
     from ._generated.convserve.v1 import classifier_pb2
     from ._generated.inference import grpc_service_pb2
 
-    if method == KSERVE_METHOD:
+    if method in (KSERVE_METHOD, STREAM_METHOD):
         kserve = grpc_service_pb2.ModelInferRequest.FromString(payload)
         kserve.model_name = model
         return bytes(kserve.SerializeToString())
@@ -262,10 +267,15 @@ def served_benchmark(
     cpu_before = _process_tree_cpu_seconds(server_pid)
     body = _with_model(payload, method, model)
     warmup = min(1.0, seconds / 4)
+    stream = method == STREAM_METHOD
+    if stream:  # answers come in completion order, matched by id: only loadgen does that
+        generator = "python"
     if generator == "h2load":
         summary = _h2load(address, method, body, concurrency, seconds, warmup, connections)
     else:
-        summary = _python_loadgen(address, method, body, concurrency, seconds, warmup, connections)
+        summary = _python_loadgen(
+            address, method, body, concurrency, seconds, warmup, connections, stream
+        )
     cpu_after = _process_tree_cpu_seconds(server_pid)
     after = _server_counters(metrics_url, model)
     if generator == "h2load":  # it sees HTTP statuses only; gRPC errors come in trailers
@@ -292,6 +302,7 @@ def served_benchmark(
         _mean(before, after, "convserve_queue_duration_seconds") * 1000,
         cpu_per_request,
         summary["connections"],
+        generator,
     )
 
 
@@ -303,6 +314,7 @@ def _python_loadgen(
     seconds: float,
     warmup: float,
     connections: int,
+    stream: bool = False,
 ) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".bin") as handle:
         handle.write(body)
@@ -326,6 +338,7 @@ def _python_loadgen(
                 str(warmup),
                 "--connections",
                 str(connections),
+                *(["--stream"] if stream else []),
             ],
             capture_output=True,
             text=True,
@@ -552,7 +565,8 @@ def _print_report(results: dict[str, Any]) -> None:
             f"{row['mean_batch']:5.2f} (compute {row['compute_ms_per_batch']:.2f} ms/batch, "
             f"queue {row['queue_ms']:.2f} ms), server CPU "
             f"{row['server_cpu_ms_per_request']:.3f} ms/request, load generator "
-            f"{row['generator_cpu_share']:.0%} of a core over {row['connections']} "
+            f"({row['generator']}) {row['generator_cpu_share']:.0%} of a core over "
+            f"{row['connections']} "
             f"connection(s), errors {row['errors']}"
         )
     for line in results["ratios"]:
@@ -875,7 +889,7 @@ def run(args: argparse.Namespace) -> int:
     served: list[ServedRow] = []
     if not args.raw:
         kserve = (KSERVE_METHOD, _kserve_payload(runtime))  # also for the comparisons
-        payloads = {"kserve": kserve}
+        payloads = {"kserve": kserve, "stream": (STREAM_METHOD, kserve[1])}
         classify = _classify_payload(runtime)
         if classify is not None and "classify" in args.apis:
             payloads["classify"] = (CLASSIFY_METHOD, classify)
@@ -988,7 +1002,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     bench.add_argument("--raw", action="store_true", help="only the in-process limit")
     bench.add_argument("--dense", action="store_true", help="also ClassifyDense vs crops")
-    bench.add_argument("--apis", nargs="+", default=["kserve", "classify"])
+    bench.add_argument(
+        "--apis",
+        nargs="+",
+        choices=["kserve", "classify", "stream"],
+        default=["kserve", "classify"],
+        help="stream: KServe requests over ModelStreamInfer",
+    )
     bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per step")

@@ -6,22 +6,31 @@ several processes on one port balances connections, not requests), and prints on
 requests, errors, latency percentiles (ms), achieved rate, and the generator's own CPU seconds,
 since on a small machine it competes with the server for the same cores. Payloads are bytes on
 both sides, so the generator spends nothing on protobuf.
+
+With ``--stream`` the method is KServe's ModelStreamInfer: one stream per connection, and
+``concurrency`` messages in flight spread over them, each sent again as soon as its answer
+arrives. Answers come in completion order, so every message carries its own id (appended to the
+payload's bytes: a repeated protobuf field's last value wins) and is matched by it; an answer
+with an error message counts as an error.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import resource
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import grpc
 import numpy as np
 
 from . import event_loop
+from ._generated.inference import grpc_service_pb2 as pb
 
 __all__ = ["main"]
 
@@ -36,6 +45,62 @@ async def _connect(calls: list[grpc.aio.UnaryUnaryMultiCallable], payload: bytes
                 raise  # no server there: say so instead of measuring failures
 
 
+# Without use_local_subchannel_pool, channels to one address share one subchannel (connection).
+_OPTIONS = [
+    ("grpc.max_send_message_length", 256 << 20),
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+
+class _Phase:
+    """The clock (warm-up, then the measured phase) and what the measured phase saw."""
+
+    def __init__(self, warmup: float, duration: float) -> None:
+        self.warmup, self.duration = warmup, duration
+        self.stop = time.perf_counter() + warmup + duration  # no new requests after this
+        self.measuring = False
+        self.latencies: list[float] = []
+        self.errors: dict[str, int] = {}
+        self.elapsed = 0.0
+
+    def answered(self, started: float, error: str | None = None) -> None:
+        """A request sent at ``started`` is answered (``error``: how it failed)."""
+        if not self.measuring:
+            return
+        if error is None:
+            self.latencies.append(time.perf_counter() - started)
+        else:
+            self.errors[error] = self.errors.get(error, 0) + 1
+
+    async def run(self) -> None:
+        """Time the measured phase."""
+        await asyncio.sleep(self.warmup)
+        self.measuring = True
+        begun = time.perf_counter()
+        await asyncio.sleep(self.duration)
+        self.measuring = False
+        self.elapsed = time.perf_counter() - begun
+
+    async def measure(self, *load: Awaitable[None]) -> dict[str, object]:
+        """Run ``load`` beside the clock; the summary, with this process's CPU meanwhile."""
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        await asyncio.gather(self.run(), *load)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        values = np.array(self.latencies) * 1000 if self.latencies else np.array([np.nan])
+        return {
+            "requests": len(self.latencies),
+            "errors": self.errors,
+            "seconds": self.elapsed,
+            "rate": len(self.latencies) / self.elapsed,
+            "p50_ms": float(np.percentile(values, 50)),
+            "p90_ms": float(np.percentile(values, 90)),
+            "p99_ms": float(np.percentile(values, 99)),
+            "generator_cpu_seconds": (after.ru_utime - before.ru_utime)
+            + (after.ru_stime - before.ru_stime),
+        }
+
+
 async def _drive(
     address: str,
     method: str,
@@ -45,66 +110,80 @@ async def _drive(
     warmup: float,
     connections: int = 1,
 ) -> dict[str, object]:
-    options = [
-        ("grpc.max_send_message_length", 256 << 20),
-        ("grpc.max_receive_message_length", 256 << 20),
-        # Without this, channels to one address share one subchannel, i.e. one connection.
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
-    channels = [
-        grpc.aio.insecure_channel(address, options=options)
-        for _ in range(max(1, min(connections, concurrency)))
-    ]
+    count = max(1, min(connections, concurrency))
+    channels = [grpc.aio.insecure_channel(address, options=_OPTIONS) for _ in range(count)]
     try:
         calls = [channel.unary_unary(method) for channel in channels]
         await _connect(calls, payload)
-
-        latencies: list[float] = []
-        errors: dict[str, int] = {}
-        measuring = False
-        stop = time.perf_counter() + warmup + duration
+        phase = _Phase(warmup, duration)
 
         async def worker(call: grpc.aio.UnaryUnaryMultiCallable) -> None:
-            while time.perf_counter() < stop:
+            while time.perf_counter() < phase.stop:
                 started = time.perf_counter()
                 try:
                     await call(payload, timeout=60)
                 except grpc.aio.AioRpcError as exc:
-                    if measuring:
-                        errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    phase.answered(started, exc.code().name)
                     continue
-                if measuring:
-                    latencies.append(time.perf_counter() - started)
+                phase.answered(started)
 
-        async def clock() -> float:
-            nonlocal measuring
-            await asyncio.sleep(warmup)
-            measuring = True
-            begun = time.perf_counter()
-            await asyncio.sleep(duration)
-            measuring = False
-            return time.perf_counter() - begun
-
-        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
-        timer = asyncio.create_task(clock())
-        await asyncio.gather(timer, *(worker(calls[i % len(calls)]) for i in range(concurrency)))
-        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+        return await phase.measure(*(worker(calls[i % count]) for i in range(concurrency)))
     finally:
         for channel in channels:
             await channel.close()
-    elapsed = timer.result()
-    values = np.array(latencies) * 1000 if latencies else np.array([np.nan])
-    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
-    return {
-        "requests": len(latencies),
-        "errors": errors,
-        "seconds": elapsed,
-        "rate": len(latencies) / elapsed,
-        "p50_ms": float(np.percentile(values, 50)),
-        "p90_ms": float(np.percentile(values, 90)),
-        "p99_ms": float(np.percentile(values, 99)),
-        "generator_cpu_seconds": cpu,
-    }
+
+
+def _with_id(payload: bytes, number: int) -> bytes:
+    """``payload`` (a serialised ModelInferRequest) with its ``id`` (field 3) set to ``number``."""
+    text = str(number).encode()
+    return payload + b"\x1a" + bytes([len(text)]) + text  # tag 3, length-delimited; < 128 bytes
+
+
+async def _drive_streams(
+    address: str,
+    method: str,
+    payload: bytes,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    connections: int = 1,
+) -> dict[str, object]:
+    count = max(1, min(connections, concurrency))
+    channels = [grpc.aio.insecure_channel(address, options=_OPTIONS) for _ in range(count)]
+    phase = _Phase(warmup, duration)
+    numbers = itertools.count()
+
+    async def stream(channel: grpc.aio.Channel, in_flight: int) -> None:
+        outgoing: asyncio.Queue[bytes | None] = asyncio.Queue()
+        sent: dict[str, float] = {}  # id -> when it was sent
+
+        def send() -> None:
+            number = next(numbers)
+            sent[str(number)] = time.perf_counter()
+            outgoing.put_nowait(_with_id(payload, number))
+
+        async def requests() -> AsyncIterator[bytes]:
+            while (message := await outgoing.get()) is not None:
+                yield message
+
+        for _ in range(in_flight):
+            send()
+        async for raw in channel.stream_stream(method)(requests()):
+            answer = pb.ModelStreamInferResponse.FromString(raw)
+            phase.answered(
+                sent.pop(answer.infer_response.id), "stream" if answer.error_message else None
+            )
+            if time.perf_counter() < phase.stop:
+                send()
+            elif not sent:
+                outgoing.put_nowait(None)  # every answer is in: end the stream
+
+    shares = [concurrency // count + (i < concurrency % count) for i in range(count)]
+    try:
+        return await phase.measure(*(stream(c, n) for c, n in zip(channels, shares, strict=True)))
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 def main() -> int:
@@ -117,10 +196,14 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--connections", type=int, default=1, help="TCP connections to spread over")
+    parser.add_argument(
+        "--stream", action="store_true", help="a bidirectional stream per connection (see above)"
+    )
     args = parser.parse_args()
     payload = args.payload.read_bytes()
+    drive = _drive_streams if args.stream else _drive
     summary = event_loop.run(
-        lambda: _drive(
+        lambda: drive(
             args.address,
             args.method,
             payload,

@@ -21,6 +21,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
             "service",
             "bench",
             "--smoke",
+            "--apis",
+            "kserve",
+            "classify",
+            "stream",
             "--dense",
             "--compare-batching",
             "--batching-window",
@@ -48,8 +52,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
         ("kserve", 4),
         ("classify", 1),
         ("classify", 4),
+        ("stream", 1),
+        ("stream", 4),
     }
     assert all(r["errors"] == 0 and r["requests_per_second"] > 0 for r in results["served"])
+    # Streamed answers come in completion order, matched by id: only the Python generator can.
+    assert {r["generator"] for r in results["served"] if r["api"] == "stream"} == {"python"}
     # The server the bench started is on this machine: its CPU per request is known.
     assert all(r["server_cpu_ms_per_request"] > 0 for r in results["served"])
     assert any(line.startswith("batching on/off at c=4") for line in results["ratios"])
@@ -62,7 +70,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     throughput = [line for line in results["ratios"] if "served/raw-best throughput" in line]
     assert len(throughput) == len(steps) and all("beside it" in line for line in throughput)
     latency = [line for line in results["ratios"] if "p50 at c=1 minus raw batch-1" in line]
-    assert len(latency) == 2  # kserve and classify
+    assert len(latency) == 3  # kserve, classify and stream
     assert results["dense"][0]["cells"] > 0
     # Batching as configured, off, and with a window (also at c=1), in alternating rounds.
     assert {(r["api"], r["concurrency"]) for r in results["batching"]} == {
@@ -96,7 +104,7 @@ import numpy as np
 
 from service import BUNDLED_REPOSITORY
 from service._generated.inference import grpc_service_pb2 as pb
-from service.bench import KSERVE_METHOD, served_benchmark
+from service.bench import KSERVE_METHOD, STREAM_METHOD, served_benchmark
 from service.server_process import ServerProcess
 
 
@@ -109,12 +117,15 @@ def payload(shape):
 
 rows = []
 module = ("service", "serve") if sys.argv[2] == "serve" else ("service.grpc_floor",)
+# "stream": ModelStreamInfer, asked of h2load, which the bench replaces with service.loadgen
+method = STREAM_METHOD if sys.argv[1] == "stream" else KSERVE_METHOD
+generator = "python" if sys.argv[1] == "python" else "h2load"
 with ServerProcess(BUNDLED_REPOSITORY, module=module) as server:
     # 8x9 decodes (the bytes match the shape) but the model refuses it: INVALID_ARGUMENT.
     for shape in ([1, 1, 8, 8], [1, 1, 8, 9]):
         row = served_benchmark(
-            server.grpc_address, server.metrics_url, "digits", "kserve", KSERVE_METHOD,
-            payload(shape), 4, 1.0, 1, server.process.pid, sys.argv[1],
+            server.grpc_address, server.metrics_url, "digits", "kserve", method,
+            payload(shape), 4, 1.0, 1, server.process.pid, generator,
         )
         rows.append(asdict(row))
 print(json.dumps(rows))
@@ -122,7 +133,8 @@ print(json.dumps(rows))
 
 
 @pytest.mark.parametrize(
-    ("generator", "server"), [("python", "serve"), ("h2load", "serve"), ("h2load", "floor")]
+    ("generator", "server"),
+    [("python", "serve"), ("h2load", "serve"), ("h2load", "floor"), ("stream", "serve")],
 )
 def test_a_load_step_reports_what_the_server_did(generator: str, server: str) -> None:
     if generator == "h2load" and shutil.which("h2load") is None:
@@ -145,6 +157,7 @@ def test_a_load_step_reports_what_the_server_did(generator: str, server: str) ->
     # The floor has no batches to report.
     assert good["mean_batch"] >= 1 if server == "serve" else math.isnan(good["mean_batch"])
     assert 0 < good["generator_cpu_share"] < 2
+    assert good["generator"] == ("python" if generator in ("python", "stream") else "h2load")
     # Refused requests are errors, though h2load itself only sees HTTP 200 (gRPC statuses travel
     # in trailers): the server's own failure count says so.
     assert bad["errors"] > 0
