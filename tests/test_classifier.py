@@ -697,8 +697,9 @@ def test_a_reload_in_the_middle_of_a_classify_lets_all_its_chunks_run(tmp_path: 
     The chunks queued after the swap still go to version 1, which closes only once the request
     that held it is done (before, they met a closed batcher: UNAVAILABLE).
     """
-    from service._generated.inference import grpc_service_pb2 as kserve
-    from service._generated.inference import grpc_service_pb2_grpc as kserve_grpc
+    # tritonclient's KServe stubs: ours and its cannot share one process (the same proto file).
+    import tritonclient.grpc as triton
+
     from tests import onnx_models
 
     path = onnx_models.slow(tmp_path / "slow" / "1", depth=64, config={"max_batch_size": 4})
@@ -711,6 +712,7 @@ def test_a_reload_in_the_middle_of_a_classify_lets_all_its_chunks_run(tmp_path: 
     with (
         ServerProcess(tmp_path) as server,
         grpc.insecure_channel(server.grpc_address) as channel,
+        triton.InferenceServerClient(server.grpc_address) as control,
         ThreadPoolExecutor(2) as pool,
     ):
         stub = pb_grpc.ClassifierStub(channel)
@@ -719,10 +721,7 @@ def test_a_reload_in_the_middle_of_a_classify_lets_all_its_chunks_run(tmp_path: 
         while _batches(server, "slow") < 2 and time.monotonic() < give_up:
             time.sleep(0.005)
         shutil.copytree(tmp_path / "slow" / "1", tmp_path / "slow" / "2")
-        load = kserve_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad
-        loading = pool.submit(
-            load, kserve.RepositoryModelLoadRequest(model_name="slow"), timeout=120
-        )
+        loading = pool.submit(control.load_model, "slow", client_timeout=120)
         while "2" not in _ready_versions(server, "slow") and time.monotonic() < give_up:
             time.sleep(0.005)
         early = classify.done()
