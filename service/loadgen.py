@@ -23,7 +23,7 @@ import json
 import resource
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 
 import grpc
@@ -139,6 +139,46 @@ def _with_id(payload: bytes, number: int) -> bytes:
     return payload + b"\x1a" + bytes([len(text)]) + text  # tag 3, length-delimited; < 128 bytes
 
 
+class _Stream:
+    """One ModelStreamInfer call that keeps its share of the messages in flight until the end."""
+
+    def __init__(self, phase: _Phase, payload: bytes, numbers: Iterator[int]) -> None:
+        self._phase, self._payload, self._numbers = phase, payload, numbers
+        self._outgoing: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._sent: dict[str, float] = {}  # id -> when it was sent
+
+    def _send(self) -> None:
+        number = next(self._numbers)
+        self._sent[str(number)] = time.perf_counter()
+        self._outgoing.put_nowait(_with_id(self._payload, number))
+
+    async def _requests(self) -> AsyncIterator[bytes]:
+        while (message := await self._outgoing.get()) is not None:
+            yield message
+
+    def _answered(self, raw: bytes) -> None:
+        answer = pb.ModelStreamInferResponse.FromString(raw)
+        started = self._sent.pop(answer.infer_response.id, None)
+        if started is None:  # an answer without its request's id: the oldest one's
+            started = self._sent.pop(next(iter(self._sent)))
+        self._phase.answered(started, "stream" if answer.error_message else None)
+        if time.perf_counter() < self._phase.stop:
+            self._send()
+        elif not self._sent:
+            self._outgoing.put_nowait(None)  # every answer is in: end the stream
+
+    async def run(self, channel: grpc.aio.Channel, method: str, in_flight: int) -> None:
+        """Send ``in_flight`` messages, then one more per answer until the phase ends."""
+        for _ in range(in_flight):
+            self._send()
+        try:
+            async for raw in channel.stream_stream(method)(self._requests()):
+                self._answered(raw)
+        except grpc.aio.AioRpcError as exc:  # the stream failed, and every message in it
+            for started in self._sent.values():
+                self._phase.answered(started, exc.code().name)
+
+
 async def _drive_streams(
     address: str,
     method: str,
@@ -152,35 +192,14 @@ async def _drive_streams(
     channels = [grpc.aio.insecure_channel(address, options=_OPTIONS) for _ in range(count)]
     phase = _Phase(warmup, duration)
     numbers = itertools.count()
-
-    async def stream(channel: grpc.aio.Channel, in_flight: int) -> None:
-        outgoing: asyncio.Queue[bytes | None] = asyncio.Queue()
-        sent: dict[str, float] = {}  # id -> when it was sent
-
-        def send() -> None:
-            number = next(numbers)
-            sent[str(number)] = time.perf_counter()
-            outgoing.put_nowait(_with_id(payload, number))
-
-        async def requests() -> AsyncIterator[bytes]:
-            while (message := await outgoing.get()) is not None:
-                yield message
-
-        for _ in range(in_flight):
-            send()
-        async for raw in channel.stream_stream(method)(requests()):
-            answer = pb.ModelStreamInferResponse.FromString(raw)
-            phase.answered(
-                sent.pop(answer.infer_response.id), "stream" if answer.error_message else None
-            )
-            if time.perf_counter() < phase.stop:
-                send()
-            elif not sent:
-                outgoing.put_nowait(None)  # every answer is in: end the stream
-
     shares = [concurrency // count + (i < concurrency % count) for i in range(count)]
     try:
-        return await phase.measure(*(stream(c, n) for c, n in zip(channels, shares, strict=True)))
+        return await phase.measure(
+            *(
+                _Stream(phase, payload, numbers).run(channel, method, share)
+                for channel, share in zip(channels, shares, strict=True)
+            )
+        )
     finally:
         for channel in channels:
             await channel.close()
