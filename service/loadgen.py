@@ -101,38 +101,6 @@ class _Phase:
         }
 
 
-async def _drive(
-    address: str,
-    method: str,
-    payload: bytes,
-    concurrency: int,
-    duration: float,
-    warmup: float,
-    connections: int = 1,
-) -> dict[str, object]:
-    count = max(1, min(connections, concurrency))
-    channels = [grpc.aio.insecure_channel(address, options=_OPTIONS) for _ in range(count)]
-    try:
-        calls = [channel.unary_unary(method) for channel in channels]
-        await _connect(calls, payload)
-        phase = _Phase(warmup, duration)
-
-        async def worker(call: grpc.aio.UnaryUnaryMultiCallable) -> None:
-            while time.perf_counter() < phase.stop:
-                started = time.perf_counter()
-                try:
-                    await call(payload, timeout=60)
-                except grpc.aio.AioRpcError as exc:
-                    phase.answered(started, exc.code().name)
-                    continue
-                phase.answered(started)
-
-        return await phase.measure(*(worker(calls[i % count]) for i in range(concurrency)))
-    finally:
-        for channel in channels:
-            await channel.close()
-
-
 def _with_id(payload: bytes, number: int) -> bytes:
     """``payload`` (a serialised ModelInferRequest) with its ``id`` (field 3) set to ``number``."""
     text = str(number).encode()
@@ -179,7 +147,19 @@ class _Stream:
                 self._phase.answered(started, exc.code().name)
 
 
-async def _drive_streams(
+async def _call(call: grpc.aio.UnaryUnaryMultiCallable, payload: bytes, phase: _Phase) -> None:
+    """Send ``payload`` again as soon as its answer arrives, until the phase ends."""
+    while time.perf_counter() < phase.stop:
+        started = time.perf_counter()
+        try:
+            await call(payload, timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            phase.answered(started, exc.code().name)
+            continue
+        phase.answered(started)
+
+
+async def _drive(
     address: str,
     method: str,
     payload: bytes,
@@ -187,19 +167,26 @@ async def _drive_streams(
     duration: float,
     warmup: float,
     connections: int = 1,
+    stream: bool = False,
 ) -> dict[str, object]:
+    """``concurrency`` requests in flight over ``connections`` channels: unary calls, or streams."""
     count = max(1, min(connections, concurrency))
     channels = [grpc.aio.insecure_channel(address, options=_OPTIONS) for _ in range(count)]
-    phase = _Phase(warmup, duration)
-    numbers = itertools.count()
-    shares = [concurrency // count + (i < concurrency % count) for i in range(count)]
     try:
-        return await phase.measure(
-            *(
+        if stream:  # one stream per channel, the requests in flight shared out over them
+            phase = _Phase(warmup, duration)
+            numbers = itertools.count()
+            shares = [concurrency // count + (i < concurrency % count) for i in range(count)]
+            load = [
                 _Stream(phase, payload, numbers).run(channel, method, share)
                 for channel, share in zip(channels, shares, strict=True)
-            )
-        )
+            ]
+        else:
+            calls = [channel.unary_unary(method) for channel in channels]
+            await _connect(calls, payload)
+            phase = _Phase(warmup, duration)
+            load = [_call(calls[i % count], payload, phase) for i in range(concurrency)]
+        return await phase.measure(*load)
     finally:
         for channel in channels:
             await channel.close()
@@ -220,9 +207,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     payload = args.payload.read_bytes()
-    drive = _drive_streams if args.stream else _drive
     summary = event_loop.run(
-        lambda: drive(
+        lambda: _drive(
             args.address,
             args.method,
             payload,
@@ -230,6 +216,7 @@ def main() -> int:
             args.duration,
             args.warmup,
             args.connections,
+            args.stream,
         ),
         event_loop.loop_factory("auto"),  # the lighter loop leaves more of the cores to the server
     )
