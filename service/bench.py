@@ -85,8 +85,8 @@ class RawLimit:
     """
 
     def __init__(self, path: Path, device: str, batch_sizes: list[int], cpu_threads: int) -> None:
-        self._runtime = Runtime(path, DeviceChoice(device), 1, cpu_threads, dynamic_shapes=False)
-        spec = self._runtime.inputs[0]
+        self.runtime = Runtime(path, DeviceChoice(device), 1, cpu_threads, dynamic_shapes=False)
+        spec = self.runtime.inputs[0]
         self._samples = {
             batch: {
                 spec.name: np.random.default_rng(0)
@@ -95,9 +95,9 @@ class RawLimit:
             }
             for batch in batch_sizes
         }
-        self._runtime.warm_up(list(self._samples.values()))
+        self.runtime.warm_up(list(self._samples.values()))
         if not cpu_threads:
-            self._runtime.single_thread_if_cheaper(
+            self.runtime.single_thread_if_cheaper(
                 list(self._samples.values()), Settings.inline_compute_microseconds / 1e6
             )
 
@@ -107,20 +107,20 @@ class RawLimit:
         for batch in batch_sizes:
             feeds = self._samples[batch]
             for _ in range(3):
-                self._runtime.run(feeds)
+                self.runtime.run(feeds)
             runs, started = 0, time.perf_counter()
             while time.perf_counter() - started < seconds:
-                self._runtime.run(feeds)
+                self.runtime.run(feeds)
                 runs += 1
             elapsed = time.perf_counter() - started
             rows.append(
-                RawRow(batch, runs * batch / elapsed, elapsed / runs * 1000, self._runtime.threads)
+                RawRow(batch, runs * batch / elapsed, elapsed / runs * 1000, self.runtime.threads)
             )
         return rows
 
     def close(self) -> None:
         """Stop the runtime's threads."""
-        self._runtime.close()
+        self.runtime.close()
 
 
 def raw_benchmark(
@@ -857,7 +857,8 @@ def run(args: argparse.Namespace) -> int:
     if args.generator == "auto":
         args.generator = "h2load" if shutil.which("h2load") else "python"
     generator = args.generator
-    runtime = Runtime(path, DeviceChoice(args.device), 1, args.cpu_threads, False)
+    limit = RawLimit(path, args.device, batches, args.cpu_threads)
+    runtime = limit.runtime  # also what the payloads are built for
     results: dict[str, Any] = {
         "model": args.model,
         "device": runtime.provider,
@@ -876,7 +877,6 @@ def run(args: argparse.Namespace) -> int:
         "raw_after": [],
         "raw_beside": [],
     }
-    limit = RawLimit(path, args.device, batches, args.cpu_threads)
     raw = limit.measure(batches, seconds)
     results["raw"] = [asdict(r) for r in raw]
     # The limit beside every step: the best batch size and batch 1, measured again after each
