@@ -8,7 +8,11 @@ Layout (DESIGN.md section 3)::
 
 Loading a model again (RepositoryModelLoad) builds and warms the new sessions first, then swaps
 them in at once; requests already holding the old version finish on it, and its batcher drains
-before it is dropped, so a reload while traffic flows loses no request.
+before it is dropped, so a reload while traffic flows loses no request. As in Triton, the load
+returns once the new version serves: the old one drains in the background (a client's deadline on
+the load does not have to cover the longest request in flight). A further load of the same model
+waits for that drain first, so at most two generations of a model are in memory; an unload and
+the server's shutdown wait for it too.
 """
 
 from __future__ import annotations
@@ -137,6 +141,7 @@ class ModelRepository:
         self._served: dict[str, dict[int, ServedModel]] = {}
         self._state: dict[str, tuple[str, str]] = {}  # logical name -> (state, reason)
         self._locks: dict[str, asyncio.Lock] = {}
+        self._retiring: dict[str, asyncio.Task[None]] = {}  # logical name -> old versions draining
 
     # -- lookup ----------------------------------------------------------------------------------
     def get(self, name: str, version: str = "") -> ServedModel:
@@ -227,6 +232,7 @@ class ModelRepository:
             raise ModelNotFound(name)
         lock = self._locks.setdefault(logical, asyncio.Lock())
         async with lock:
+            await self._drained(logical)
             self._state[logical] = ("LOADING", "")
             try:
                 config = load_model_config(folder / "config.json", self._settings)
@@ -367,9 +373,19 @@ class ModelRepository:
             metrics.MODEL_READY.labels(*labels).set(1)
         for name in names:
             await self._health(name, name in self._served)
-        await asyncio.gather(*(m.batcher.close() for m in old))
-        for model in old:
-            model.runtime.close()
+        if old:
+            retiring = asyncio.create_task(_retire(old), name=f"retire-{logical}")
+            self._retiring[logical] = retiring
+            retiring.add_done_callback(lambda task: self._forget(logical, task))
+
+    def _forget(self, logical: str, task: asyncio.Task[None]) -> None:
+        if self._retiring.get(logical) is task:
+            del self._retiring[logical]
+
+    async def _drained(self, logical: str) -> None:
+        """Wait until the versions that ``logical`` replaced or unloaded have drained."""
+        if (retiring := self._retiring.get(logical)) is not None:
+            await asyncio.shield(retiring)  # a cancelled caller leaves the drain running
 
     async def unload(self, name: str) -> None:
         """Stop serving a model folder; in-flight requests finish first.
@@ -383,6 +399,7 @@ class ModelRepository:
         async with self._locks.setdefault(logical, asyncio.Lock()):
             await self._swap(logical, [])
             self._state[logical] = ("UNAVAILABLE", "unloaded")
+            await self._drained(logical)
         log.info("unloaded %s", logical)
 
     def mark_unloaded(self, names: Sequence[str]) -> None:
@@ -395,8 +412,17 @@ class ModelRepository:
             self._state[logical] = ("UNAVAILABLE", "unloaded")
 
     async def close(self) -> None:
-        """Drain every batcher, then stop the runtimes' threads (at shutdown)."""
-        served = self.served()
-        await asyncio.gather(*(m.batcher.close() for m in served))
-        for model in served:
-            model.runtime.close()
+        """Drain every batcher, replaced versions' too, then stop the runtimes' threads."""
+        await asyncio.gather(_retire(self.served()), *self._retiring.values())
+
+
+async def _retire(models: Sequence[ServedModel]) -> None:
+    """Let the requests holding ``models`` finish, then stop their runtimes."""
+    await asyncio.gather(*(m.batcher.close() for m in models))
+    for model in models:
+        model.runtime.close()
+    if models:
+        log.info(
+            "drained %s",
+            ", ".join(f"{m.name} version {m.version}" for m in models),
+        )

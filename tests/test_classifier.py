@@ -695,7 +695,8 @@ def test_a_reload_in_the_middle_of_a_classify_lets_all_its_chunks_run(tmp_path: 
     """A Classify of 256 chunks of a slow model, 4 at a time; version 2 is swapped in meanwhile.
 
     The chunks queued after the swap still go to version 1, which closes only once the request
-    that held it is done (before, they met a closed batcher: UNAVAILABLE).
+    that held it is done (before, they met a closed batcher: UNAVAILABLE); the load itself
+    returns as soon as version 2 serves, without waiting for that request.
     """
     # tritonclient's KServe stubs: ours and its cannot share one process (the same proto file).
     import tritonclient.grpc as triton
@@ -725,11 +726,19 @@ def test_a_reload_in_the_middle_of_a_classify_lets_all_its_chunks_run(tmp_path: 
         while "2" not in _ready_versions(server, "slow") and time.monotonic() < give_up:
             time.sleep(0.005)
         early = classify.done()
+        loading.result()  # returns once version 2 serves; version 1 drains in the background
+        loaded_first = not classify.done()
+        # A further load waits for that drain: no third generation while the first still holds.
+        control.load_model("slow", client_timeout=120)
+        assert classify.done()
         reply = classify.result()
         assert not early, "the Classify ended before the swap: the test tests nothing"
-        loading.result()
+        assert loaded_first, "the load waited for the Classify holding version 1"
         assert _ready_versions(server, "slow") == {"2"}
         assert reply.version == "1"
+        while "drained slow version 1" not in server.log() and time.monotonic() < give_up:
+            time.sleep(0.01)
+        assert "drained slow version 1" in server.log()
     # Every image answered, in order (first and last chunks checked against ONNX Runtime).
     assert len(reply.results) == len(rows)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
