@@ -175,3 +175,59 @@ def test_comparisons_refuse_a_server_started_elsewhere(comparison: str) -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "leave out --server" in result.stderr
+
+
+SERVER_GONE = """
+import json, subprocess, sys, tempfile, time
+from pathlib import Path
+
+import numpy as np
+
+from service import BUNDLED_REPOSITORY
+from service._generated.inference import grpc_service_pb2 as pb
+from service.bench import KSERVE_METHOD, STREAM_METHOD
+from service.server_process import ServerProcess
+
+request = pb.ModelInferRequest(model_name="digits")
+request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+request.raw_input_contents.append(np.zeros((1, 1, 8, 8), np.float32).tobytes())
+stream = sys.argv[1] == "stream"
+with tempfile.TemporaryDirectory() as folder, ServerProcess(BUNDLED_REPOSITORY) as server:
+    payload = Path(folder, "request")
+    payload.write_bytes(request.SerializeToString())
+    load = subprocess.Popen(
+        [sys.executable, "-m", "service.loadgen", "--address", server.grpc_address,
+         "--method", STREAM_METHOD if stream else KSERVE_METHOD, "--payload", str(payload),
+         "--concurrency", "4", "--duration", "3", "--warmup", "0.2"]
+        + (["--stream"] if stream else []),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(1.5)  # a second into the measured phase
+    server.process.kill()
+    out, err = load.communicate(timeout=60)
+print(json.dumps({"code": load.returncode, "stderr": err, "summary": json.loads(out)}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["unary", "stream"])
+def test_the_load_generator_counts_a_server_gone_mid_step_as_errors(mode: str) -> None:
+    """Killed in the middle of a step, the server's unanswered requests become errors.
+
+    The load generator ends with its summary, instead of a traceback or a hang (a stream's
+    messages in flight fail with it; unary calls keep failing until the step ends).
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", SERVER_GONE, mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout.splitlines()[-1])
+    assert outcome["code"] == 0 and "Traceback" not in outcome["stderr"], outcome["stderr"]
+    summary = outcome["summary"]
+    assert summary["requests"] > 0  # answered before the kill
+    assert summary["errors"] and set(summary["errors"]) <= {"UNAVAILABLE", "CANCELLED"}
+    if mode == "stream":  # one stream, its 4 messages in flight lost with it
+        assert sum(summary["errors"].values()) == 4
