@@ -12,7 +12,8 @@ before it is dropped, so a reload while traffic flows loses no request. As in Tr
 returns once the new version serves: the old one drains in the background (a client's deadline on
 the load does not have to cover the longest request in flight). A further load of the same model
 waits for that drain first, so at most two generations of a model are in memory; an unload and
-the server's shutdown wait for it too.
+the server's shutdown wait for it too. While a served model reloads it stays READY (so does the
+server), and if the new version fails to load, the served one goes on.
 """
 
 from __future__ import annotations
@@ -233,7 +234,11 @@ class ModelRepository:
         lock = self._locks.setdefault(logical, asyncio.Lock())
         async with lock:
             await self._drained(logical)
-            self._state[logical] = ("LOADING", "")
+            # A reload leaves the served versions READY (and the server ready) until the new
+            # ones replace them, and if the new ones fail to load, they keep serving.
+            serving = logical in self._served or logical + DENSE_SUFFIX in self._served
+            if not serving:
+                self._state[logical] = ("LOADING", "")
             try:
                 config = load_model_config(folder / "config.json", self._settings)
                 on_disk = [
@@ -251,16 +256,20 @@ class ModelRepository:
                     self._executor, self._build_all, logical, folder, chosen, config
                 )
             except ModelNotFound:
-                self._state[logical] = ("UNAVAILABLE", "no version folder with a model.onnx")
+                if not serving:
+                    self._state[logical] = ("UNAVAILABLE", "no version folder with a model.onnx")
                 raise
             except Exception as exc:  # onnxruntime raises its own types for bad files
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                self._state[logical] = ("UNAVAILABLE", reason)
-                if logical not in self._served:  # nothing serves it: say so on the gauge
-                    metrics.MODEL_READY.labels(logical, "", "none").set(0)
+                if serving:
+                    log.error("reloading %s failed, its served versions go on: %s", logical, reason)
+                else:
+                    self._state[logical] = ("UNAVAILABLE", reason)
+                    metrics.MODEL_READY.labels(logical, "", "none").set(0)  # nothing serves it
                 raise ModelLoadFailed(logical, reason) from exc
-            await self._swap(logical, [self._serve(b, logical, config) for b in built])
+            # READY before the swap, whose health updates ask whether everything is ready.
             self._state[logical] = ("READY", "")
+            await self._swap(logical, [self._serve(b, logical, config) for b in built])
 
     def _build_all(
         self, logical: str, folder: Path, versions: list[int], config: ModelConfig

@@ -167,7 +167,21 @@ def test_reload_with_a_new_version_while_traffic_flows(slow_repository: Path) ->
                     except InferenceServerException as exc:
                         errors.append(exc)
 
+        readiness: list[tuple[bool, int, set[tuple[str, str]]]] = []
+
+        def probe() -> None:  # what a readiness probe and a dashboard see during the reload
+            with (
+                triton.InferenceServerClient(server.grpc_address) as own,
+                grpc.insecure_channel(server.grpc_address) as channel,
+            ):
+                health = health_pb2_grpc.HealthStub(channel)
+                while not stop.is_set():
+                    index = {(m.name, m.state) for m in own.get_model_repository_index().models}
+                    status = health.Check(health_pb2.HealthCheckRequest()).status
+                    readiness.append((own.is_server_ready(), status, index))
+
         workers = [threading.Thread(target=traffic) for _ in range(4)]
+        workers.append(threading.Thread(target=probe))
         for worker in workers:
             worker.start()
         time.sleep(0.5)
@@ -180,12 +194,44 @@ def test_reload_with_a_new_version_while_traffic_flows(slow_repository: Path) ->
         assert not errors, errors[:3]
         assert versions[0] == "1" and versions[-1] == "2"
         assert client.get_model_metadata("digits").versions == ["2"]
+        # Ready all along, the served names READY in the index (not LOADING) while version 2
+        # loaded, and the overall health SERVING after the load as before it.
+        assert readiness and all(ready for ready, _, _ in readiness)
+        assert all(status == SERVING for _, status, _ in readiness)
+        assert all({("digits", "READY"), ("digits_dense", "READY")} <= i for _, _, i in readiness)
         client.unload_model("digits")
         assert not client.is_model_ready("digits")
         index = {(m.name, m.state) for m in client.get_model_repository_index().models}
         assert ("digits", "UNAVAILABLE") in index
         client.load_model("digits")
         assert client.is_model_ready("digits") and client.is_model_ready("digits_dense")
+        with grpc.insecure_channel(server.grpc_address) as channel:  # SERVING again, for good
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest()).status == SERVING
+
+
+def test_a_failed_reload_leaves_the_served_version_serving_and_the_server_ready(
+    tmp_path: Path,
+) -> None:
+    shutil.copytree(BUNDLED_REPOSITORY / "digits", tmp_path / "digits")
+    with (
+        ServerProcess(tmp_path) as server,
+        triton.InferenceServerClient(server.grpc_address) as client,
+        grpc.insecure_channel(server.grpc_address) as channel,
+    ):
+        (tmp_path / "digits" / "config.json").write_text('{"max_batch_sise": 4}')
+        with pytest.raises(InferenceServerException) as error:
+            client.load_model("digits")
+        assert "max_batch_sise" in str(error.value)
+        assert client.is_server_ready() and client.is_model_ready("digits")
+        index = {(m.name, m.version, m.state) for m in client.get_model_repository_index().models}
+        assert index == {("digits", "1", "READY"), ("digits_dense", "1", "READY")}
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == SERVING
+        tensor = triton.InferInput("input", [1, 1, 8, 8], "FP32")
+        tensor.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+        assert client.infer("digits", [tensor]).as_numpy("logits").shape == (1, 10)
+        assert "reloading digits failed, its served versions go on" in server.log()
 
 
 def test_timeout_parameter_and_grpc_deadline(slow_repository: Path) -> None:
