@@ -75,6 +75,14 @@ def _int_parameter(params: object, key: str, where: str) -> int:
     return value
 
 
+def _refuse_shared_memory(params: object, where: str) -> None:
+    if _parameter(params, "shared_memory_region") is not None:
+        raise InvalidArgument(
+            f"{where} names a shared memory region; this server takes tensors in the request "
+            "only (the shared memory extensions are not served)"
+        )
+
+
 def _element_count(name: str, shape: Sequence[int], limit: int) -> int:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input '{name}': shape {list(shape)} has a negative dimension")
@@ -150,6 +158,7 @@ def decode_request(request: pb.ModelInferRequest, max_elements: int) -> Inferenc
     for index, tensor in enumerate(request.inputs):
         if tensor.name in inputs:
             raise InvalidArgument(f"input '{tensor.name}' is given twice")
+        _refuse_shared_memory(tensor.parameters, f"input '{tensor.name}'")
         dtype = NUMPY_TYPES.get(tensor.datatype)
         if dtype is None:
             raise InvalidArgument(
@@ -167,12 +176,16 @@ def decode_request(request: pb.ModelInferRequest, max_elements: int) -> Inferenc
         else:
             count = _element_count(tensor.name, tensor.shape, max_elements)
             inputs[tensor.name] = _from_typed(tensor, count, dtype)
-    outputs = [
-        RequestedOutput(
-            o.name, _int_parameter(o.parameters, "classification", f"output '{o.name}'")
+    outputs: list[RequestedOutput] = []
+    for o in request.outputs:
+        if any(o.name == seen.name for seen in outputs):
+            raise InvalidArgument(f"output '{o.name}' is requested twice")
+        _refuse_shared_memory(o.parameters, f"output '{o.name}'")
+        outputs.append(
+            RequestedOutput(
+                o.name, _int_parameter(o.parameters, "classification", f"output '{o.name}'")
+            )
         )
-        for o in request.outputs
-    ]
     return InferenceRequest(
         request.model_name,
         request.model_version,

@@ -49,7 +49,7 @@ class DataPlane:
         outcome.model, outcome.version = model.name, str(model.version)
         return model
 
-    def attribute(self, outcome: Outcome, name: str, version: str) -> None:
+    def attribute(self, outcome: Outcome, name: str, version: str) -> ServedModel | None:
         """Name a refused request's model in its metrics, where that model is served.
 
         For requests refused before the lookup (undecodable, or while draining); an unknown
@@ -58,6 +58,16 @@ class DataPlane:
         with contextlib.suppress(ServingError):
             model = self.repository.get(name, version)
             outcome.model, outcome.version = model.name, str(model.version)
+            return model
+        return None
+
+    def refused(self, outcome: Outcome, name: str, version: str) -> None:
+        """A request to a served model was refused before it reached it (undecodable).
+
+        It counts as a failure in the model's statistics as in its request metrics.
+        """
+        if (model := self.attribute(outcome, name, version)) is not None:
+            model.stats.finished(False, 0.0)
 
     async def infer(
         self,
@@ -87,15 +97,15 @@ class DataPlane:
         else:
             model = served
             outcome.model, outcome.version = model.name, str(model.version)
-        count, key = check_request(request, model)
         started = time.monotonic()
-        timeout_us = request.timeout_us or model.config.batching.default_timeout_microseconds
-        if timeout_us:
-            own = started + timeout_us / 1e6
-            deadline = own if deadline is None else min(deadline, own)
-        future = model.batcher.submit(request.inputs, count, key, deadline)
         ok = False
         try:
+            count, key = check_request(request, model)  # a refusal is a failure in statistics
+            timeout_us = request.timeout_us or model.config.batching.default_timeout_microseconds
+            if timeout_us:
+                own = started + timeout_us / 1e6
+                deadline = own if deadline is None else min(deadline, own)
+            future = model.batcher.submit(request.inputs, count, key, deadline)
             if deadline is None or future.done():  # done: a tiny model ran inside submit
                 rows = await future
             else:

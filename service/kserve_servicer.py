@@ -78,8 +78,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelReadyResponse:
         try:
             self._repository.get(request.name, request.version)
-        except (ModelNotFound, InvalidArgument):
+        except ModelNotFound:
             return pb.ModelReadyResponse(ready=False)
+        except InvalidArgument as exc:  # a version that is no number: a client's mistake
+            await context.abort(exc.code, exc.message)
         return pb.ModelReadyResponse(ready=not self._plane.draining)
 
     async def ServerMetadata(
@@ -125,15 +127,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         parts = await siblings.statistics(request, context.time_remaining())
         return merge_statistics([own, *parts])
 
+    @rpc
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
+        _one_repository(request.repository_name)
         return repository_index(self._repository, request.ready)
 
     @rpc
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
+        _one_repository(request.repository_name)
         if request.parameters:
             raise InvalidArgument(
                 "load parameters (config overrides, model files) are not "
@@ -148,6 +153,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
+        _one_repository(request.repository_name)
         await self._repository.unload(request.model_name)
         if (siblings := self._siblings_to_ask(context)) is not None:
             await siblings.repeat("RepositoryModelUnload", request, context.time_remaining())
@@ -171,7 +177,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             decoded = decode_request(request, self._max_elements)
         except ServingError:
-            self._plane.attribute(outcome, request.model_name, request.model_version)
+            self._plane.refused(outcome, request.model_name, request.model_version)
             raise
         model, rows = await self._plane.infer(decoded, deadline, outcome)
         outputs = [
@@ -208,3 +214,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async for answer in completion_order(request_iterator, one, STREAM_IN_FLIGHT):
             yield answer
+
+
+def _one_repository(name: str) -> None:
+    """Refuse a named repository: the server has one, and a name must not pick another."""
+    if name:
+        raise InvalidArgument(
+            f"repository_name '{name}': this server serves one model repository; "
+            "leave repository_name empty"
+        )

@@ -257,3 +257,77 @@ def test_non_numeric_version(stub, version: str) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         f"model version must be a positive integer, got '{version}'",
     )
+
+
+def test_an_output_requested_twice(stub) -> None:
+    message = request()
+    message.outputs.add(name="logits")
+    message.outputs.add(name="logits")
+    assert_status(
+        stub, message, grpc.StatusCode.INVALID_ARGUMENT, r"output 'logits' is requested twice"
+    )
+
+
+@pytest.mark.parametrize("tensor", ["input", "output"])
+def test_shared_memory_regions_are_refused_by_name(stub, tensor: str) -> None:
+    message = request()
+    if tensor == "input":  # Triton's clients send no contents for a tensor in shared memory
+        del message.raw_input_contents[:]
+        target = message.inputs[0]
+    else:
+        target = message.outputs.add(name="logits")
+    target.parameters["shared_memory_region"].string_param = "region0"
+    target.parameters["shared_memory_byte_size"].int64_param = 256
+    assert_status(
+        stub,
+        message,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"{tensor} '(input|logits)' names a shared memory region; .*the shared memory "
+        "extensions are not served",
+    )
+
+
+def test_model_ready_refuses_a_version_that_is_no_number(stub) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ModelReady(service_pb2.ModelReadyRequest(name="digits", version="abc"))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model version must be a positive integer, got 'abc'" in error.value.details()
+    assert stub.ModelReady(service_pb2.ModelReadyRequest(name="digits", version="1")).ready
+    assert not stub.ModelReady(service_pb2.ModelReadyRequest(name="digits", version="7")).ready
+    assert not stub.ModelReady(service_pb2.ModelReadyRequest(name="nope")).ready
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s: s.RepositoryIndex(service_pb2.RepositoryIndexRequest(repository_name="other")),
+        lambda s: s.RepositoryModelLoad(
+            service_pb2.RepositoryModelLoadRequest(repository_name="other", model_name="digits")
+        ),
+        lambda s: s.RepositoryModelUnload(
+            service_pb2.RepositoryModelUnloadRequest(repository_name="other", model_name="digits")
+        ),
+    ],
+    ids=["index", "load", "unload"],
+)
+def test_a_named_repository_is_refused_not_ignored(stub, call) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        call(stub)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "repository_name 'other': this server serves one model repository" in (
+        error.value.details()
+    )
+    assert stub.ModelReady(service_pb2.ModelReadyRequest(name="digits")).ready  # not unloaded
+
+
+def test_refused_requests_count_as_failures_in_the_model_statistics(stub) -> None:
+    def failures() -> int:
+        reply = stub.ModelStatistics(service_pb2.ModelStatisticsRequest(name="digits"))
+        return int(reply.model_stats[0].inference_stats.fail.count)
+
+    before = failures()
+    for message in (request(shape=(1, 1, 8, 9), data=bytes(4 * 72)), request(data=b"\0" * 12)):
+        with pytest.raises(grpc.RpcError) as error:  # refused by the model's checks; by decoding
+            stub.ModelInfer(message)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failures() == before + 2
