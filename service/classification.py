@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ class Classification:
         self._max_cells = settings.max_map_cells
         self._max_copies = settings.max_dense_copies
         self._max_elements = settings.max_tensor_elements
+        self._max_request_pixels = settings.max_request_pixels
 
     # -- lookup ------------------------------------------------------------------------------------
     def logical_models(self) -> list[ServedModel]:
@@ -240,8 +242,14 @@ class Classification:
         assert info.preprocess is not None  # checked when it was opened
         if info.window is None or len(info.window) != 2:
             raise InvalidArgument(f"model '{model.name}' does not describe a 2-D input window")
-        decoded = images.load(opened, info.preprocess.color)
-        return images.to_tensor(decoded, info.preprocess, (info.window[0], info.window[1]))
+        try:
+            decoded = images.load(opened, info.preprocess.color)
+            try:
+                return images.to_tensor(decoded, info.preprocess, (info.window[0], info.window[1]))
+            finally:
+                decoded.close()
+        finally:
+            opened.close()  # its pixels go now, not when the whole request is done
 
     async def _tensors(self, model: ServedModel, inputs: Sequence[ImageInput]) -> list[np.ndarray]:
         """Every image as the network's input: tiny ones here, the rest on decoding threads.
@@ -251,6 +259,7 @@ class Classification:
         opened = [
             None if image.tensor is not None else self._open(model, image) for image in inputs
         ]
+        self._check_request_size(model, inputs, opened)
         tiny = [o is None or o.width * o.height <= INLINE_PIXELS for o in opened]
         tensors = {
             index: self._classify_tensor(model, inputs[index], opened[index])
@@ -269,6 +278,34 @@ class Classification:
         )
         tensors.update(zip(threaded, done, strict=True))
         return [tensors[index] for index in range(len(inputs))]
+
+    def _check_request_size(
+        self,
+        model: ServedModel,
+        inputs: Sequence[ImageInput],
+        opened: Sequence[Image.Image | None],
+    ) -> None:
+        """Refuse a request whose images together are too much work, before decoding any.
+
+        Each image passed its own limits; together they could still ask for the decoding of
+        far more pixels, or (every image becoming a window-sized tensor, however small it
+        was) far more input elements than one request may hold.
+        """
+        pixels = sum(o.width * o.height for o in opened if o is not None)
+        if pixels > self._max_request_pixels:
+            raise ResourceExhausted(
+                f"the {len(inputs)} images hold {pixels} pixels together; the server decodes at "
+                f"most {self._max_request_pixels} per request: send fewer images at a time"
+            )
+        per_image = math.prod(d for d in model.inputs[0].shape[1:] if d > 0)
+        elements = sum(
+            image.tensor.size if image.tensor is not None else per_image for image in inputs
+        )
+        if elements > self._max_elements:
+            raise ResourceExhausted(
+                f"the {len(inputs)} images make {elements} input elements; the server accepts "
+                f"at most {self._max_elements} per request: send fewer images at a time"
+            )
 
     async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)

@@ -41,6 +41,10 @@ class Settings:
     max_image_pixels: int = _setting(
         50_000_000, "largest decoded image accepted (pixels), checked from the header"
     )
+    max_request_pixels: int = _setting(
+        200_000_000,
+        "most pixels of all the encoded images in one Classify together, checked from the headers",
+    )
     max_map_cells: int = _setting(
         1 << 20, "largest score map a dense request may ask for (cells over all copies)"
     )
@@ -101,6 +105,7 @@ class Settings:
             "max_tensor_elements": self.max_tensor_elements >= 1,
             "max_image_bytes": self.max_image_bytes >= 1,
             "max_image_pixels": self.max_image_pixels >= 1,
+            "max_request_pixels": self.max_request_pixels >= 1,
             "max_map_cells": self.max_map_cells >= 1,
             "max_dense_copies": self.max_dense_copies >= 1,
             "drain_grace_seconds": self.drain_grace_seconds >= 0,

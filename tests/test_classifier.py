@@ -65,6 +65,8 @@ def server(repository: Path):
         "200000",
         "--max-image-pixels",
         "1000000",
+        "--max-request-pixels",
+        "3000000",
         "--max-map-cells",
         "5000",
         "--max-dense-copies",
@@ -320,6 +322,15 @@ def test_list_models(stub) -> None:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             r"image is 1000x1001 = 1001000 pixels; the server "
             r"accepts at most 1000000",
+        ),
+        (  # each image within its limit, together over the request's: refused undecoded
+            lambda: pb.ClassifyRequest(
+                model="digits",
+                images=[pb.Image(encoded=png(np.zeros((1000, 1000), np.uint8)))] * 4,
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            r"the 4 images hold 4000000 pixels together; the server decodes at most 3000000 per "
+            r"request: send fewer images at a time",
         ),
         (
             lambda: pb.ClassifyRequest(model="nope", images=[pb.Image(encoded=b"x")]),
@@ -746,3 +757,27 @@ def test_a_reload_in_the_middle_of_a_classify_lets_all_its_chunks_run(tmp_path: 
     (scores,) = session.run(None, {"x": ends})
     top = [r.top[0].index for r in [*reply.results[:8], *reply.results[-8:]]]
     assert top == scores.argmax(axis=1).tolist()
+
+
+def test_many_small_images_are_refused_by_the_input_elements_they_would_become() -> None:
+    """Every image becomes a window-sized tensor, however few bytes or pixels it has."""
+    dot = png(np.zeros((1, 1), np.uint8))  # ~70 bytes that would become 64 input elements
+    tensor = pb.Image(tensor=pb.Tensor(shape=[1, 8, 8], fp32_data=bytes(4 * 64)))
+    with (
+        ServerProcess(BUNDLED_REPOSITORY, "--max-tensor-elements", "1000") as server,
+        grpc.insecure_channel(server.grpc_address) as channel,
+    ):
+        stub = pb_grpc.ClassifierStub(channel)
+        for images in ([pb.Image(encoded=dot)] * 16, [tensor] * 15 + [pb.Image(encoded=dot)]):
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Classify(pb.ClassifyRequest(model="digits", images=images))
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert re.search(
+                r"the 16 images make 1024 input elements; the server accepts at most 1000 per "
+                r"request",
+                error.value.details(),
+            )
+        reply = stub.Classify(
+            pb.ClassifyRequest(model="digits", images=[pb.Image(encoded=dot)] * 15)
+        )
+        assert len(reply.results) == 15
