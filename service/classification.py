@@ -462,16 +462,21 @@ class Classification:
             raise InvalidArgument(
                 f"model '{classifier.name}' has no dense geometry in its metadata"
             )
+        declared = classifier.inputs[0].shape[1] if len(classifier.inputs[0].shape) > 1 else 1
+        channels = declared if declared > 0 else (classifier.info.channels or 3)
         if image.tensor is not None:
             if query.scales != (1.0,):  # refused before any scale's work starts
                 raise InvalidArgument("scales other than 1 need an encoded image, not a tensor")
             decoded, tensor = None, self._check_tensor(classifier, image.tensor, None)
+            if tensor.shape[0] != channels:  # the plan's limits count the model's channels
+                raise InvalidArgument(
+                    f"tensor shape {list(tensor.shape)} has {tensor.shape[0]} channels; model "
+                    f"'{classifier.name}' takes {channels}"
+                )
             size = tuple(tensor.shape[1:])
         else:
             decoded = await self._off_loop(self._decode, classifier, image)
             tensor, size = None, (decoded.height, decoded.width)
-        declared = classifier.inputs[0].shape[1] if len(classifier.inputs[0].shape) > 1 else 1
-        channels = declared if declared > 0 else (classifier.info.channels or 3)
         plan = self._plan(geometry, query, size, channels)
         slots = asyncio.Semaphore(CHUNKS_IN_FLIGHT)  # shared by every scale of this request
         maps = await _all(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from collections.abc import Mapping
+from typing import Any, TypeAlias
 
 import grpc
 import numpy as np
@@ -11,6 +12,7 @@ from ._generated.convserve.v1 import classifier_pb2 as pb
 from ._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from .classification import Classification, DenseQuery, DenseResult, ImageInput, Labelled
 from .codec import checked_frombuffer
+from .errors import InvalidArgument
 from .inference import Outcome
 from .model_info import DenseInfo
 from .rpc import deadline_of, inference_rpc, rpc
@@ -104,8 +106,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             top_k=request.top_k,
             divisor=request.stride_divisor or 1,
             scales=tuple(request.scales) or (1.0,),
-            pool=_POOLS.get(request.pool, "mean"),
-            mode=_MODES.get(request.mode, "dense"),
+            pool=_known(_POOLS, request.pool, "pool", pb.Pool),
+            mode=_known(_MODES, request.mode, "mode", pb.Mode),
             return_map=request.return_map if request.HasField("return_map") else True,
         )
         image = _image(request.image, self._max_elements)
@@ -134,3 +136,14 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             if geometry is not None:
                 entry.geometry.CopyFrom(_geometry(geometry, geometry.stride))
         return response
+
+
+def _known(table: Mapping[Any, str], value: int, field: str, enum: Any) -> str:
+    """An enum field's meaning, refusing a number the proto does not define.
+
+    Such a number (from a newer or a hand-written client) is not taken for the default.
+    """
+    if value not in table:
+        names = ", ".join(f"{enum.Name(v)} ({v})" for v in sorted(table))
+        raise InvalidArgument(f"{field} {value} is not one of {names}")
+    return table[value]

@@ -83,7 +83,16 @@ def _refuse_shared_memory(params: object, where: str) -> None:
         )
 
 
+MAX_RANK = 32
+"""Most dimensions a tensor may have (numpy's own limit is 64)."""
+
+
 def _element_count(name: str, shape: Sequence[int], limit: int) -> int:
+    if len(shape) > MAX_RANK:
+        raise InvalidArgument(
+            f"input '{name}': shape has {len(shape)} dimensions; the server accepts at most "
+            f"{MAX_RANK}"
+        )
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input '{name}': shape {list(shape)} has a negative dimension")
     count = math.prod(shape)
@@ -91,6 +100,11 @@ def _element_count(name: str, shape: Sequence[int], limit: int) -> int:
         raise ResourceExhausted(
             f"input '{name}': shape {list(shape)} has {count} elements; the server accepts at "
             f"most {limit} per tensor"
+        )
+    if any(d > limit for d in shape):  # with a 0 elsewhere: no elements, but numpy refuses it
+        raise ResourceExhausted(
+            f"input '{name}': shape {list(shape)} has a dimension of {max(shape)}; the server "
+            f"accepts at most {limit} elements per tensor"
         )
     return count
 

@@ -20,12 +20,21 @@ __all__ = [
 ]
 
 
+MAX_MESSAGE_CHARACTERS = 1024
+"""Longer messages are cut: they may quote what a client sent (a name, a list of scales), and a
+status message travels in a header that gRPC limits (16 KiB; the client would get a transport
+error instead of the reason), and into the log."""
+
+
 class ServingError(Exception):
     """A request failed for a reason the client should be told about."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARACTERS:
+            cut = len(message) - MAX_MESSAGE_CHARACTERS
+            message = f"{message[:MAX_MESSAGE_CHARACTERS]}... ({cut} more characters)"
         super().__init__(message)
         self.message = message
 

@@ -159,6 +159,8 @@ class ModelRepository:
             return versions[max(versions)]
         if not (version.isascii() and version.isdigit()):
             raise InvalidArgument(f"model version must be a positive integer, got '{version}'")
+        if len(version.lstrip("0")) > 18:  # past int64: no such folder (int() refuses 4300+)
+            raise ModelNotFound(name, version)
         served = versions.get(int(version))
         if served is None:
             raise ModelNotFound(name, version)

@@ -202,6 +202,49 @@ def test_huge_claimed_shape_is_refused_before_allocation(stub) -> None:
     )
 
 
+@pytest.mark.parametrize("typed", [False, True])
+def test_a_zero_beside_huge_dimensions_is_refused_not_an_internal_error(stub, typed) -> None:
+    message = request(shape=(0, 1 << 62, 1 << 62, 1), data=b"")
+    if typed:  # no elements either way: numpy would refuse to shape them ("array is too big")
+        del message.raw_input_contents[:]
+        message.inputs[0].contents.SetInParent()
+    assert_status(
+        stub,
+        message,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        r"shape \[0, 4611686018427387904, 4611686018427387904, 1\] has a dimension of "
+        r"4611686018427387904; the server accepts at most 100000 elements per tensor",
+    )
+
+
+def test_a_rank_beyond_any_model_is_refused(stub) -> None:
+    assert_status(
+        stub,
+        request(shape=(1,) * 70, data=bytes(4)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"input 'input': shape has 70 dimensions; the server accepts at most 32",
+    )
+
+
+def test_a_version_longer_than_any_number_is_not_found(stub) -> None:
+    message = request()
+    message.model_version = "9" * 5000  # int() refuses more than 4300 digits
+    assert_status(stub, message, grpc.StatusCode.NOT_FOUND, r"model 'digits' version '9999")
+
+
+def test_a_message_quoting_a_huge_value_is_cut_so_the_client_still_gets_it(stub) -> None:
+    # Whole, the message would pass gRPC's 16 KiB header limit: the client would be told
+    # RESOURCE_EXHAUSTED about metadata instead of why its request was refused.
+    message = request()
+    message.outputs.add(name="x" * 100_000)
+    assert_status(
+        stub,
+        message,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"^output 'x{1000,}\.\.\. \(\d+ more characters\)$",
+    )
+
+
 def test_oversized_message(stub) -> None:
     shape = (4, 1, 256, 256)  # 1 MiB of float32 plus headers: above --max-message-bytes
     data = np.zeros(shape, np.float32).tobytes()

@@ -589,6 +589,20 @@ def test_dense_tensor_input_takes_no_other_scales(stub) -> None:
     assert "scales other than 1 need an encoded image" in error.value.details()
 
 
+@pytest.mark.parametrize("mode", [pb.MODE_DENSE, pb.MODE_CROPS])
+def test_dense_tensor_input_with_other_channels_is_refused_before_any_work(stub, mode) -> None:
+    # The limits are checked against the model's one channel: 15 would be 15 times the work.
+    tensor = pb.Tensor(shape=[15, 12, 12], fp32_data=bytes(4 * 15 * 12 * 12))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ClassifyDense(
+            pb.ClassifyDenseRequest(model="digits", image=pb.Image(tensor=tensor), mode=mode)
+        )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tensor shape [15, 12, 12] has 15 channels; model 'digits' takes 1" in (
+        error.value.details()
+    )
+
+
 INLINE_CHECK = """
 import asyncio, io, json
 from concurrent.futures import ThreadPoolExecutor
@@ -781,3 +795,21 @@ def test_many_small_images_are_refused_by_the_input_elements_they_would_become()
             pb.ClassifyRequest(model="digits", images=[pb.Image(encoded=dot)] * 15)
         )
         assert len(reply.results) == 15
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        ("pool", "pool 7 is not one of POOL_MEAN (0), POOL_MAX (1)"),
+        ("mode", "mode 7 is not one of MODE_DENSE (0), MODE_CROPS (1)"),
+    ],
+)
+def test_dense_enum_values_the_proto_does_not_define_are_refused(stub, field, expected) -> None:
+    request = pb.ClassifyDenseRequest(
+        model="digits", image=pb.Image(encoded=png(np.zeros((12, 12), np.uint8)))
+    )
+    setattr(request, field, 7)  # what a newer client's value reads as here
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ClassifyDense(request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == expected
