@@ -6,7 +6,10 @@ unknown model is counted under ``model="_unknown"``, so clients cannot grow the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +42,7 @@ __all__ = [
     "UNKNOWN_MODEL",
     "WORKER_METRICS",
     "WorkerCounts",
+    "forget_ready",
     "gpu_memory_used",
     "multiprocess_registry",
     "register_gpu_metrics",
@@ -156,10 +160,38 @@ class WorkerCounts(Collector):
         )
 
 
+def forget_ready(*labels: str) -> None:
+    """Drop a ``convserve_model_ready`` series: the version was replaced or unloaded.
+
+    A worker of ``serve --workers`` cannot remove a label set (prometheus_client's multiprocess
+    mode keeps the last value in the worker's file), so it marks the series NaN, and the
+    supervisor's :class:`_Workers` collector leaves NaN readiness out.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MODEL_READY.labels(*labels).set(math.nan)
+    else:
+        with contextlib.suppress(KeyError):
+            MODEL_READY.remove(*labels)
+
+
+class _Workers(Collector):
+    """Every worker's metrics from their files, summed as declared, without forgotten series."""
+
+    def __init__(self, path: str) -> None:
+        self._files = MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterator[Any]:
+        """The workers' families; readiness samples marked NaN by :func:`forget_ready` left out."""
+        for family in self._files.collect():  # type: ignore[no-untyped-call]
+            if family.name == MODEL_READY._name:
+                family.samples = [s for s in family.samples if not math.isnan(s.value)]
+            yield family
+
+
 def multiprocess_registry(path: str, workers: WorkerCounts) -> CollectorRegistry:
     """The supervisor's registry: every worker's metrics from ``path``, summed as declared."""
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    registry.register(_Workers(path))
     registry.register(workers)
     return registry
 

@@ -19,7 +19,6 @@ server), and if the new version fails to load, the served one goes on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -376,10 +375,9 @@ class ModelRepository:
         for model in old:  # replaced or unloaded versions leave the gauge, not linger at 0
             labels = (model.name, str(model.version), model.runtime.provider)
             if labels not in ready:
-                metrics.MODEL_READY.remove(*labels)
+                metrics.forget_ready(*labels)
         if fresh:  # a failed earlier load's "nothing serves it" series goes too
-            with contextlib.suppress(KeyError):
-                metrics.MODEL_READY.remove(logical, "", "none")
+            metrics.forget_ready(logical, "", "none")
         for labels in ready:
             metrics.MODEL_READY.labels(*labels).set(1)
         for name in names:

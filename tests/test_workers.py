@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -150,11 +151,17 @@ def test_model_control_reaches_every_worker(workers: ServerProcess) -> None:
         other = own_connection(workers.grpc_address)
         assert not other.is_model_ready("digits")
         other.close()
+    # Unloaded on both: its readiness series is gone from the summed metrics, not left at 1
+    # (a worker cannot remove a series from its file; it marks it, and the sum leaves it out).
+    ready = "convserve_model_ready{model=digits,provider=CPUExecutionProvider,version=1}"
+    gone = scrape(workers.metrics_url)
+    assert ready not in gone and not any(math.isnan(v) for v in gone.values()), gone
     start = len(workers.log())
     client.load_model("digits")
     logged_after(
         workers, start, *(f"worker-{i} service.repository: loaded digits v1" for i in (0, 1))
     )
+    assert scrape(workers.metrics_url)[ready] == 1
     x = np.zeros((1, 1, 8, 8), np.float32)
     for _ in range(CONNECTIONS):
         other = own_connection(workers.grpc_address)
