@@ -25,7 +25,7 @@ from .kserve_messages import (
     model_statistics,
     repository_index,
 )
-from .rpc import counted, deadline_of, inference_rpc, rpc
+from .rpc import Undecodable, counted, deadline_of, inference_rpc, rpc
 from .siblings import Siblings, wants_local_only
 from .streams import completion_order
 
@@ -77,6 +77,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelReadyRequest, context: Context
     ) -> pb.ModelReadyResponse:
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             self._repository.get(request.name, request.version)
         except ModelNotFound:
             return pb.ModelReadyResponse(ready=False)
@@ -172,6 +174,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: pb.ModelInferRequest, deadline: float | None, outcome: Outcome
     ) -> pb.ModelInferResponse:
+        if isinstance(request, Undecodable):  # a stream's message (unary calls stop earlier)
+            raise request.error()
         if request.id:
             outcome.request_id = request.id
         try:
@@ -208,8 +212,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             except Exception:
                 log.exception("stream request failed")
                 error = "internal error (logged by the server)"
-            return pb.ModelStreamInferResponse(
-                error_message=error, infer_response=pb.ModelInferResponse(id=message.id)
+            return pb.ModelStreamInferResponse(  # an Undecodable one has no id
+                error_message=error,
+                infer_response=pb.ModelInferResponse(id=getattr(message, "id", "")),
             )
 
         async for answer in completion_order(request_iterator, one, STREAM_IN_FLIGHT):

@@ -7,17 +7,75 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from . import metrics
-from .errors import ServingError
+from .errors import InvalidArgument, ServingError
 from .inference import Outcome
 
-__all__ = ["counted", "deadline_of", "inference_rpc", "rpc"]
+__all__ = ["Undecodable", "counted", "deadline_of", "inference_rpc", "register", "rpc"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request message that did not parse, handed to its handler in its place.
+
+    Left to grpc, such a message ends the call with UNKNOWN and a message naming a Python
+    exception class, logs grpc's own traceback, and passes no metrics; on a stream, grpc ends
+    the stream and the messages after it are lost. Handlers refuse it with INVALID_ARGUMENT (a
+    stream's in-band error, the stream going on).
+    """
+
+    method: str
+    reason: str
+
+    def error(self) -> InvalidArgument:
+        """What the client is told."""
+        return InvalidArgument(f"the {self.method} request does not parse: {self.reason}")
+
+
+def _tolerant(method: str, parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Undecodable(method, str(exc))
+
+    return deserialize
+
+
+def register(add: Callable[[Any, Any], None], servicer: object, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` as ``add`` (a generated ``add_*Servicer_to_server``) would.
+
+    Its request parsers hand an unparsable message to the handler as :class:`Undecodable`
+    instead of failing inside grpc.
+    """
+
+    class Capture:
+        def add_generic_rpc_handlers(self, handlers: object) -> None:
+            pass  # rebuilt below from the method table
+
+        def add_registered_method_handlers(
+            self, service: str, table: dict[str, grpc.RpcMethodHandler]
+        ) -> None:
+            tolerant = {
+                name: handler._replace(
+                    request_deserializer=_tolerant(name, handler.request_deserializer)
+                )
+                for name, handler in table.items()
+            }
+            server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(service, tolerant),)
+            )
+            server.add_registered_method_handlers(service, tolerant)
+
+    add(servicer, Capture())
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -127,6 +185,8 @@ def rpc(method: Handler[Servicer, Request, Reply]) -> Handler[Servicer, Request,
     @functools.wraps(method)
     async def wrapper(self: Servicer, request: Request, context: grpc.aio.ServicerContext) -> Reply:
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
@@ -161,6 +221,8 @@ def inference_rpc(
             code, reason = "OK", ""
             metrics.INFLIGHT.inc()
             try:
+                if isinstance(request, Undecodable):
+                    raise request.error()
                 return await method(self, request, context, outcome)
             except (Exception, asyncio.CancelledError) as exc:
                 code, reason = _status_of(exc, context)

@@ -30,6 +30,7 @@ from .inference import DataPlane
 from .kserve_servicer import KServeServicer
 from .metrics import register_gpu_metrics, serve_metrics
 from .repository import ModelRepository
+from .rpc import register
 from .runtime import DeviceChoice, available_cores
 from .settings import Settings
 from .siblings import Siblings, socket_path
@@ -150,10 +151,8 @@ async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
     )
 
     server = grpc.aio.server(options=_grpc_options(settings, role))
-    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        kserve, server
-    )
-    classifier_grpc.add_ClassifierServicer_to_server(classifier, server)  # type: ignore[no-untyped-call]
+    register(kserve_grpc.add_GRPCInferenceServiceServicer_to_server, kserve, server)
+    register(classifier_grpc.add_ClassifierServicer_to_server, classifier, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         [

@@ -17,19 +17,22 @@ MAX_ELEMENTS = 100_000
 
 
 @pytest.fixture(scope="module")
-def stub():
-    with (
-        ServerProcess(
-            BUNDLED_REPOSITORY,
-            "--max-message-bytes",
-            str(MAX_MESSAGE),
-            "--max-tensor-elements",
-            str(MAX_ELEMENTS),
-        ) as server,
-        grpc.insecure_channel(
-            server.grpc_address, options=[("grpc.max_send_message_length", 64 << 20)]
-        ) as channel,
-    ):
+def server():
+    with ServerProcess(
+        BUNDLED_REPOSITORY,
+        "--max-message-bytes",
+        str(MAX_MESSAGE),
+        "--max-tensor-elements",
+        str(MAX_ELEMENTS),
+    ) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(
+        server.grpc_address, options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as channel:
         yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
@@ -374,3 +377,49 @@ def test_refused_requests_count_as_failures_in_the_model_statistics(stub) -> Non
             stub.ModelInfer(message)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert failures() == before + 2
+
+
+GARBAGE = b"\xff\xff\xff"  # no protobuf message parses from this
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "inference.GRPCInferenceService/ModelInfer",
+        "inference.GRPCInferenceService/ModelReady",
+        "convserve.v1.Classifier/Classify",
+        "convserve.v1.Classifier/ClassifyDense",
+    ],
+)
+def test_an_unparsable_message_is_invalid_argument_naming_the_method(server, stub, method) -> None:
+    # Left to grpc it was UNKNOWN "Unexpected <class 'google.protobuf...DecodeError'>".
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        call = channel.unary_unary(f"/{method}")
+        with pytest.raises(grpc.RpcError) as error:
+            call(GARBAGE, timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    name = method.rsplit("/", 1)[1]
+    assert error.value.details().startswith(f"the {name} request does not parse: Error parsing")
+    assert stub.ModelReady(service_pb2.ModelReadyRequest(name="digits")).ready
+
+
+def test_an_unparsable_stream_message_is_answered_in_band_and_the_stream_goes_on(
+    server,
+) -> None:
+    messages = [request(), None, request(), request()]
+    for number, message in enumerate(messages):
+        if message is not None:
+            message.id = str(number)
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+        )
+        answers = list(
+            call(iter([GARBAGE if m is None else m.SerializeToString() for m in messages]))
+        )
+    assert sorted(a.infer_response.id for a in answers) == ["", "0", "2", "3"]
+    refused = [a for a in answers if a.error_message]
+    assert len(refused) == 1 and refused[0].error_message.startswith(
+        "the ModelStreamInfer request does not parse"
+    )
