@@ -32,6 +32,10 @@ T = TypeVar("T")
 DEFAULT_TOP_K = 5
 MAX_DIVISOR = 8
 MAX_SCALE = 4.0
+INLINE_ELEMENTS = 64 * 64
+"""ClassifyDense copies or crops images of up to this many elements (times the copies) on the
+event loop; larger ones on the decoding threads."""
+
 INLINE_PIXELS = 64 * 64
 """Images up to this many pixels are decoded and preprocessed on the event loop: that takes
 about 0.14 ms for the demo model's 8x8 images, while the hop to a decoding thread and back cost
@@ -544,19 +548,26 @@ class Classification:
         else:
             assert tensor is not None and scale == 1.0  # checked in classify_dense
             scaled = tensor
+        # Copies and crops of a large image take the loop for seconds (a 1030x1030 image's
+        # 262,144 windows: 2.7 s): off it, like decoding, where they are more than tiny.
+        big = scaled.size * query.divisor ** len(geometry.stride) > INLINE_ELEMENTS
         if twin is not None:
-            copies = (
-                scaled[None]
-                if query.divisor == 1
-                else dense.shifted_copies(scaled, geometry.stride, query.divisor)
-            )
+            if query.divisor == 1:
+                copies = scaled[None]
+            elif big:
+                copies = await self._off_loop(
+                    dense.shifted_copies, scaled, geometry.stride, query.divisor
+                )
+            else:
+                copies = dense.shifted_copies(scaled, geometry.stride, query.divisor)
             scores = await self._batched(twin, copies, deadline, outcome, slots)
             return dense.softmax(
                 dense.interleave(scores, query.divisor, counts)
                 if query.divisor > 1
                 else scores[0][(slice(None), *(slice(0, c) for c in counts))]
             )
-        windows = dense.crops(scaled, geometry.window, geometry.stride, query.divisor, counts)
+        crop = (scaled, geometry.window, geometry.stride, query.divisor, counts)
+        windows = await self._off_loop(dense.crops, *crop) if big else dense.crops(*crop)
         scores = await self._batched(classifier, windows, deadline, outcome, slots)  # [cells, K]
         return dense.softmax(np.ascontiguousarray(scores.T).reshape(scores.shape[1], *counts))
 

@@ -184,23 +184,27 @@ def test_every_dense_cell_equals_classify_on_its_crop(stub) -> None:
     assert float(np.abs(grid - expected).max()) < 1e-4
 
 
-def test_stride_divisor_two_equals_crops_at_half_the_stride(stub) -> None:
-    image = np.random.default_rng(1).integers(0, 256, (13, 17), dtype=np.uint8)
+# The larger sizes are copied or cropped on a decoding thread, the smaller on the event loop.
+@pytest.mark.parametrize("size", [(13, 17), (41, 57)])
+def test_stride_divisor_two_equals_crops_at_half_the_stride(stub, size) -> None:
+    image = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
     reply = stub.ClassifyDense(
         pb.ClassifyDenseRequest(
             model="digits", image=pb.Image(encoded=png(image)), stride_divisor=2
         )
     )
     grid = probabilities(reply.map)
-    assert grid.shape == (10, 6, 10)  # (13-8)*2//2+1, (17-8)*2//2+1
+    rows, columns = size[0] - 7, size[1] - 7  # (13-8)*2//2+1, (17-8)*2//2+1
+    assert grid.shape == (10, rows, columns)
     assert list(reply.geometry.stride) == [1, 1]
-    crops = [image[y : y + 8, x : x + 8] for y in range(6) for x in range(10)]
-    expected = classify_all(stub, crops).T.reshape(10, 6, 10)
+    crops = [image[y : y + 8, x : x + 8] for y in range(rows) for x in range(columns)]
+    expected = classify_all(stub, crops).T.reshape(10, rows, columns)
     assert float(np.abs(grid - expected).max()) < 1e-4
 
 
-def test_crops_mode_equals_the_dense_pass_for_a_padding_free_model(stub) -> None:
-    image = np.random.default_rng(2).integers(0, 256, (12, 20), dtype=np.uint8)
+@pytest.mark.parametrize("size", [(12, 20), (70, 80)])
+def test_crops_mode_equals_the_dense_pass_for_a_padding_free_model(stub, size) -> None:
+    image = np.random.default_rng(2).integers(0, 256, size, dtype=np.uint8)
     request = pb.ClassifyDenseRequest(model="digits", image=pb.Image(encoded=png(image)))
     by_dense = stub.ClassifyDense(request)
     request.mode = pb.MODE_CROPS
