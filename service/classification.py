@@ -150,6 +150,7 @@ class Classification:
         self._executor = executor
         self._limits = images.ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
         self._max_cells = settings.max_map_cells
+        self._max_dense_pixels = settings.max_dense_pixels
         self._max_copies = settings.max_dense_copies
         self._max_elements = settings.max_tensor_elements
         self._max_request_pixels = settings.max_request_pixels
@@ -395,7 +396,10 @@ class Classification:
         """Per scale: (scale, scaled size, cell counts), all limits checked before any work.
 
         The limits: copies, cells, and the input elements the copies (dense) or the crops
-        (crops mode) hold, which bounds the memory of a request before anything is resized.
+        (crops mode) hold, which bounds the memory of a request before anything is resized;
+        in dense mode also the pixels the network sees in one pass, since its activations
+        grow with them (the demo's dense twin: about 400 bytes a pixel), while crops go
+        through in batches of the model's size.
         """
         copies = len(query.scales) * query.divisor ** len(geometry.stride)
         if copies > self._max_copies:
@@ -408,7 +412,7 @@ class Classification:
             raise InvalidArgument(
                 f"stride {list(geometry.stride)} is not divisible by stride_divisor {query.divisor}"
             )
-        plan, total, elements = [], 0, 0
+        plan, total, elements, pixels = [], 0, 0, 0
         for scale in query.scales:
             scaled = tuple(max(1, round(s * scale)) for s in size)
             if any(s < w for s, w in zip(scaled, geometry.window, strict=True)):
@@ -422,8 +426,15 @@ class Classification:
             if query.mode == "crops":
                 elements += cells * channels * int(np.prod(geometry.window))
             else:
-                elements += channels * int(np.prod(scaled)) * query.divisor ** len(scaled)
+                pixels += int(np.prod(scaled)) * query.divisor ** len(scaled)
             plan.append((scale, scaled, counts))
+        elements += channels * pixels
+        if pixels > self._max_dense_pixels:
+            raise ResourceExhausted(
+                f"the dense pass would take {pixels} pixels (every scale and shifted copy); the "
+                f"server takes at most {self._max_dense_pixels}: send a smaller image or fewer "
+                "copies, or use mode=crops"
+            )
         if total > self._max_cells:
             raise ResourceExhausted(
                 f"the request asks for {total} cells; the server computes at "

@@ -45,6 +45,11 @@ class Settings:
         200_000_000,
         "most pixels of all the encoded images in one Classify together, checked from the headers",
     )
+    max_dense_pixels: int = _setting(
+        1 << 22,
+        "most pixels one dense pass may take, over every scale and shifted copy (its transient "
+        "memory grows with them)",
+    )
     max_map_cells: int = _setting(
         1 << 20, "largest score map a dense request may ask for (cells over all copies)"
     )
@@ -107,6 +112,7 @@ class Settings:
             "max_image_pixels": self.max_image_pixels >= 1,
             "max_request_pixels": self.max_request_pixels >= 1,
             "max_map_cells": self.max_map_cells >= 1,
+            "max_dense_pixels": self.max_dense_pixels >= 1,
             "max_dense_copies": self.max_dense_copies >= 1,
             "drain_grace_seconds": self.drain_grace_seconds >= 0,
             "max_connection_age": self.max_connection_age >= 0,

@@ -450,6 +450,28 @@ def test_dense_limits_before_work(stub, size, options, code, pattern) -> None:
     assert re.search(pattern, error.value.details()), error.value.details()
 
 
+def test_dense_pass_pixels_are_bounded_and_crops_are_not(repository: Path) -> None:
+    """The dense pass's activations grow with its pixels; crops go through in batches."""
+    image = pb.Image(encoded=png(np.zeros((100, 100), np.uint8)))
+    with (
+        ServerProcess(repository, "--max-dense-pixels", "30000") as server,
+        grpc.insecure_channel(server.grpc_address) as channel,
+    ):
+        stub = pb_grpc.ClassifierStub(channel)
+        request = pb.ClassifyDenseRequest(model="digits", image=image)
+        assert stub.ClassifyDense(request).cells == 47 * 47  # 10,000 pixels
+        request.stride_divisor = 2  # four shifted copies: 40,000
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ClassifyDense(request)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error.value.details() == (
+            "the dense pass would take 40000 pixels (every scale and shifted copy); the server "
+            "takes at most 30000: send a smaller image or fewer copies, or use mode=crops"
+        )
+        request.mode = pb.MODE_CROPS
+        assert stub.ClassifyDense(request).cells == 93 * 93
+
+
 def test_dense_input_elements_are_bounded_before_any_resizing(repository: Path) -> None:
     """Copies (dense) and crops (crops mode) count against max_tensor_elements, up front."""
     image = pb.Image(encoded=png(np.zeros((100, 100), np.uint8)))  # 47 x 47 cells
