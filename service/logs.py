@@ -35,6 +35,17 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _TextFormatter(logging.Formatter):
+    """One line per record, but for tracebacks.
+
+    A line break in a message (a client's model name, say) is escaped, so that nobody can
+    write a line of their own into the log.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def configure_logging(log_format: str, level: str, worker: int | None = None) -> None:
     """Send every log line to stderr in ``log_format`` ("text" or "json").
 
@@ -46,7 +57,7 @@ def configure_logging(log_format: str, level: str, worker: int | None = None) ->
     else:
         tag = "" if worker is None else f"worker-{worker} "
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
+            _TextFormatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
