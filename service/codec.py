@@ -86,6 +86,9 @@ def _refuse_shared_memory(params: object, where: str) -> None:
 MAX_RANK = 32
 """Most dimensions a tensor may have (numpy's own limit is 64)."""
 
+MAX_INPUTS = 256
+"""Most input tensors one request may name (before any is matched against the model)."""
+
 
 def _element_count(name: str, shape: Sequence[int], limit: int) -> int:
     if len(shape) > MAX_RANK:
@@ -136,6 +139,12 @@ def _from_typed(
         raise InvalidArgument(
             f"input '{tensor.name}': {tensor.datatype} can only be sent as raw_input_contents"
         )
+    others = [f.name for f, _ in tensor.contents.ListFields() if f.name != field_name]
+    if others:
+        raise InvalidArgument(
+            f"input '{tensor.name}': {tensor.datatype} values go in {field_name}, but "
+            f"{', '.join(others)} is set"
+        )
     values = getattr(tensor.contents, field_name)
     if len(values) != count:
         raise InvalidArgument(
@@ -162,6 +171,11 @@ def decode_request(request: pb.ModelInferRequest, max_elements: int) -> Inferenc
             match the shape, an unknown datatype, or a bad parameter.
         ResourceExhausted: a tensor larger than ``max_elements``.
     """
+    if len(request.inputs) > MAX_INPUTS:
+        raise InvalidArgument(
+            f"the request has {len(request.inputs)} inputs; the server accepts at most "
+            f"{MAX_INPUTS}"
+        )
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(

@@ -436,3 +436,29 @@ def test_a_line_break_in_a_client_string_cannot_forge_a_log_line(server, stub) -
     lines = server.log().splitlines()
     assert any(f"model 'nope\\n{forged}' is not served" in line for line in lines)
     assert not any(line.startswith(forged) for line in lines)
+
+
+def test_typed_values_in_a_second_field_are_refused_not_ignored(stub) -> None:
+    message = request()
+    del message.raw_input_contents[:]
+    message.inputs[0].contents.fp32_contents.extend([0.0] * 64)
+    message.inputs[0].contents.int_contents.extend([7])
+    assert_status(
+        stub,
+        message,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"input 'input': FP32 values go in fp32_contents, but int_contents is set",
+    )
+
+
+def test_a_request_naming_thousands_of_inputs_is_refused_at_once(stub) -> None:
+    message = request()
+    for number in range(300):
+        message.inputs.add(name=f"extra{number}", datatype="FP32", shape=[1])
+        message.raw_input_contents.append(bytes(4))
+    assert_status(
+        stub,
+        message,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"the request has 301 inputs; the server accepts at most 256",
+    )
