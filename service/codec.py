@@ -173,8 +173,7 @@ def decode_request(request: pb.ModelInferRequest, max_elements: int) -> Inferenc
     """
     if len(request.inputs) > MAX_INPUTS:
         raise InvalidArgument(
-            f"the request has {len(request.inputs)} inputs; the server accepts at most "
-            f"{MAX_INPUTS}"
+            f"the request has {len(request.inputs)} inputs; the server accepts at most {MAX_INPUTS}"
         )
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):

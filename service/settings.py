@@ -175,7 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         options: dict[str, Any] = {
             "default": default,
             "dest": spec.name,
-            "help": f"{spec.metadata['help']} [{env}]",
+            "help": f"{spec.metadata['help']} [{env}; default: {_shown(spec.default)}]",
         }
         if "choices" in spec.metadata:
             options["choices"] = spec.metadata["choices"]
@@ -185,6 +185,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif spec.type not in (str, "str"):
             options["type"] = lambda text, kind=spec.type: parse_value(kind, text)
         parser.add_argument("--" + spec.name.replace("_", "-"), **options)
+
+
+def _shown(default: object) -> str:
+    """A default as --help shows it (argparse would read a bare % as a format)."""
+    text = (" ".join(map(str, default)) or "none") if isinstance(default, tuple) else str(default)
+    return text.replace("%", "%%")
 
 
 def from_arguments(args: argparse.Namespace) -> Settings:

@@ -26,7 +26,9 @@ def test_every_setting_has_a_flag_and_an_environment_variable() -> None:
     serve = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
     helps = {a.dest: a.help for a in serve._actions}
     for name in Settings.__dataclass_fields__:
-        assert f"[CONVSERVE_{name.upper()}]" in helps[name], name
+        assert f"[CONVSERVE_{name.upper()}; default: " in helps[name], name
+    assert helps["drain_grace_seconds"].endswith("default: 20.0]")
+    assert helps["preferred_batch_size"].endswith("default: none]")
 
 
 def test_environment_variables_configure_the_server(monkeypatch) -> None:
