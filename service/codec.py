@@ -76,7 +76,7 @@ def _int_parameter(params: object, key: str, where: str) -> int:
 
 
 def _refuse_shared_memory(params: object, where: str) -> None:
-    if _parameter(params, "shared_memory_region") is not None:
+    if params and _parameter(params, "shared_memory_region") is not None:  # usually none at all
         raise InvalidArgument(
             f"{where} names a shared memory region; this server takes tensors in the request "
             "only (the shared memory extensions are not served)"
