@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.apart import run_apart
+
 
 def test_bench_smoke(tmp_path: Path) -> None:
     result = subprocess.run(
@@ -141,16 +143,7 @@ def test_a_load_step_reports_what_the_server_did(generator: str, server: str) ->
         if os.environ.get("CI"):  # as with promtool: CI must run it
             pytest.fail("h2load is not installed; .ci/run installs Debian's nghttp2-client")
         pytest.skip("h2load is not installed (Debian/Ubuntu: nghttp2-client)")
-    # A process of its own: our KServe stubs and tritonclient's cannot share one.
-    result = subprocess.run(
-        [sys.executable, "-c", STEP, generator, server],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    good, bad = json.loads(result.stdout.splitlines()[-1])
+    good, bad = run_apart(STEP, generator, server)
     assert good["errors"] == 0 and good["requests_per_second"] > 0
     assert 0 < good["p50_ms"] <= good["p90_ms"] <= good["p99_ms"]
     assert good["server_cpu_ms_per_request"] > 0
@@ -216,15 +209,7 @@ def test_the_load_generator_counts_a_server_gone_mid_step_as_errors(mode: str) -
     The load generator ends with its summary, instead of a traceback or a hang (a stream's
     messages in flight fail with it; unary calls keep failing until the step ends).
     """
-    result = subprocess.run(
-        [sys.executable, "-c", SERVER_GONE, mode],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    outcome = json.loads(result.stdout.splitlines()[-1])
+    outcome = run_apart(SERVER_GONE, mode)
     assert outcome["code"] == 0 and "Traceback" not in outcome["stderr"], outcome["stderr"]
     summary = outcome["summary"]
     assert summary["requests"] > 0  # answered before the kill

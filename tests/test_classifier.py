@@ -27,6 +27,7 @@ from service import BUNDLED_REPOSITORY
 from service._generated.convserve.v1 import classifier_pb2 as pb
 from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from service.server_process import ServerProcess
+from tests.apart import run_apart
 
 
 def png(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -702,15 +703,7 @@ asyncio.run(main())
 
 def test_tiny_images_decode_on_the_loop_and_large_ones_on_decoding_threads() -> None:
     # A process of its own: the data plane's KServe stubs and tritonclient's cannot share one.
-    result = subprocess.run(
-        [sys.executable, "-c", INLINE_CHECK],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.splitlines()[-1])
+    report = run_apart(INLINE_CHECK)
     assert report["after_tiny"] == 0  # decoded on the loop: the hop would cost more
     assert report["after_mixed"] == 2  # only the two large images went to the threads
     assert report["same_answer"]  # wherever an image was decoded, the answer is the same
