@@ -25,12 +25,14 @@ _MODES = {pb.MODE_DENSE: "dense", pb.MODE_CROPS: "crops"}
 
 
 def _image(message: pb.Image, max_elements: int) -> ImageInput:
-    if message.WhichOneof("source") == "tensor":
+    source = message.WhichOneof("source")
+    if source == "tensor":
         tensor = checked_frombuffer(
             "tensor", list(message.tensor.shape), "FP32", message.tensor.fp32_data, max_elements
         )
         return ImageInput(tensor=tensor)
-    return ImageInput(encoded=message.encoded)
+    # None: neither is set (an empty ``encoded`` is set, and refused as an empty image).
+    return ImageInput(encoded=message.encoded if source else None)
 
 
 def _label(entry: Labelled) -> pb.Label:

@@ -315,6 +315,11 @@ def test_list_models(stub) -> None:
             r"image is empty",
         ),
         (
+            lambda: pb.ClassifyRequest(model="digits", images=[pb.Image()]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            r"image has neither encoded bytes nor a tensor",
+        ),
+        (
             lambda: pb.ClassifyRequest(model="digits", images=[pb.Image(encoded=b"x" * 200001)]),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             r"image is 200001 bytes; the server accepts at "
