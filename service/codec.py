@@ -203,22 +203,20 @@ def decode_request(request: pb.ModelInferRequest, max_elements: int) -> Inferenc
         else:
             count = _element_count(tensor.name, tensor.shape, max_elements)
             inputs[tensor.name] = _from_typed(tensor, count, dtype)
-    outputs: list[RequestedOutput] = []
+    outputs: dict[str, RequestedOutput] = {}  # by name, as the inputs: one look-up a name
     for o in request.outputs:
-        if any(o.name == seen.name for seen in outputs):
+        if o.name in outputs:
             raise InvalidArgument(f"output '{o.name}' is requested twice")
         _refuse_shared_memory(o.parameters, f"output '{o.name}'")
-        outputs.append(
-            RequestedOutput(
-                o.name, _int_parameter(o.parameters, "classification", f"output '{o.name}'")
-            )
+        outputs[o.name] = RequestedOutput(
+            o.name, _int_parameter(o.parameters, "classification", f"output '{o.name}'")
         )
     return InferenceRequest(
         request.model_name,
         request.model_version,
         request.id,
         inputs,
-        outputs,
+        list(outputs.values()),
         _int_parameter(request.parameters, "timeout", "request"),
     )
 
