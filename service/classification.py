@@ -315,6 +315,10 @@ class Classification:
     async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
+    async def _off_loop_if(self, off: bool, function: Callable[..., T], *args: object) -> T:
+        """``function(*args)`` on a decoding thread if ``off``, else here on the loop."""
+        return await self._off_loop(function, *args) if off else function(*args)
+
     # -- Classify -------------------------------------------------------------------------
     async def classify(
         self,
@@ -563,22 +567,22 @@ class Classification:
         # 262,144 windows: 2.7 s): off it, like decoding, where they are more than tiny.
         big = scaled.size * query.divisor ** len(geometry.stride) > INLINE_ELEMENTS
         if twin is not None:
-            if query.divisor == 1:
-                copies = scaled[None]
-            elif big:
-                copies = await self._off_loop(
-                    dense.shifted_copies, scaled, geometry.stride, query.divisor
+            copies = (
+                scaled[None]
+                if query.divisor == 1
+                else await self._off_loop_if(
+                    big, dense.shifted_copies, scaled, geometry.stride, query.divisor
                 )
-            else:
-                copies = dense.shifted_copies(scaled, geometry.stride, query.divisor)
+            )
             scores = await self._batched(twin, copies, deadline, outcome, slots)
             return dense.softmax(
                 dense.interleave(scores, query.divisor, counts)
                 if query.divisor > 1
                 else scores[0][(slice(None), *(slice(0, c) for c in counts))]
             )
-        crop = (scaled, geometry.window, geometry.stride, query.divisor, counts)
-        windows = await self._off_loop(dense.crops, *crop) if big else dense.crops(*crop)
+        windows = await self._off_loop_if(
+            big, dense.crops, scaled, geometry.window, geometry.stride, query.divisor, counts
+        )
         scores = await self._batched(classifier, windows, deadline, outcome, slots)  # [cells, K]
         return dense.softmax(np.ascontiguousarray(scores.T).reshape(scores.shape[1], *counts))
 
