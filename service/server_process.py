@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 _GRPC = re.compile(r"grpc listening on [^:]+:(\d+)")
@@ -92,6 +93,20 @@ class ServerProcess:
     def log(self) -> str:
         """Everything the server has written to stderr so far."""
         return "".join(self.lines)
+
+    def log_with(self, *texts: str, start: int = 0, timeout: float = 10) -> str:
+        """The log from ``start`` (characters) once it holds every one of ``texts``.
+
+        A line the server logs while answering reaches this reader after the answer reaches
+        the client. Raises AssertionError, with the log, after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log()[start:]
+            if all(text in log for text in texts):
+                return log
+            assert time.monotonic() < deadline, log
+            time.sleep(0.02)
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         """Send a signal to the server process."""

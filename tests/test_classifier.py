@@ -785,9 +785,7 @@ def test_a_reload_in_the_middle_of_a_classify_lets_all_its_chunks_run(tmp_path: 
         assert loaded_first, "the load waited for the Classify holding version 1"
         assert _ready_versions(server, "slow") == {"2"}
         assert reply.version == "1"
-        while "drained slow version 1" not in server.log() and time.monotonic() < give_up:
-            time.sleep(0.01)
-        assert "drained slow version 1" in server.log()
+        server.log_with("drained slow version 1")
     # Every image answered, in order (first and last chunks checked against ONNX Runtime).
     assert len(reply.results) == len(rows)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -133,11 +133,7 @@ def test_requests_spread_over_workers_and_metrics_add_up(workers: ServerProcess)
 
 def logged_after(server: ServerProcess, start: int, *lines: str) -> str:
     """The server's log from ``start`` (characters) once it holds every line (10 s at most)."""
-    deadline = time.monotonic() + 10
-    while not all(line in server.log()[start:] for line in lines):
-        assert time.monotonic() < deadline, server.log()[start:]
-        time.sleep(0.05)
-    return server.log()[start:]
+    return server.log_with(*lines, start=start)
 
 
 def test_model_control_reaches_every_worker(workers: ServerProcess) -> None:
