@@ -29,7 +29,11 @@ def model_metadata(model: ServedModel, versions: list[int]) -> pb.ModelMetadataR
 
 
 def model_config(model: ServedModel) -> pb.ModelConfigResponse:
-    """ModelConfig in Triton's terms; with batching, dims leave the batch axis out."""
+    """ModelConfig in Triton's terms; with batching, dims leave the batch axis out.
+
+    A model served without a batch axis (max_batch_size 0) has no dynamic_batching, as Triton
+    requires: clients such as perf_analyzer read its presence as "requests are batched".
+    """
     skip = 1 if model.max_batch_size > 0 else 0
     batching = model.config.batching
     config = pb.ModelConfig(
@@ -38,15 +42,18 @@ def model_config(model: ServedModel) -> pb.ModelConfigResponse:
         backend="onnxruntime",
         max_batch_size=model.max_batch_size,
         default_model_filename=("model.dense.onnx" if model.dense else "model.onnx"),
-        dynamic_batching=pb.ModelDynamicBatching(
-            preferred_batch_size=list(batching.preferred_batch_size),
-            max_queue_delay_microseconds=batching.max_queue_delay_microseconds,
-            default_queue_policy=pb.ModelQueuePolicy(
-                max_queue_size=batching.max_queue_size,
-                default_timeout_microseconds=batching.default_timeout_microseconds,
-            ),
-        ),
     )
+    if model.max_batch_size > 0:
+        config.dynamic_batching.CopyFrom(
+            pb.ModelDynamicBatching(
+                preferred_batch_size=list(batching.preferred_batch_size),
+                max_queue_delay_microseconds=batching.max_queue_delay_microseconds,
+                default_queue_policy=pb.ModelQueuePolicy(
+                    max_queue_size=batching.max_queue_size,
+                    default_timeout_microseconds=batching.default_timeout_microseconds,
+                ),
+            )
+        )
     config.instance_group.add(
         count=model.config.instances,
         kind=pb.ModelInstanceGroup.KIND_GPU

@@ -88,6 +88,11 @@ def test_model_config(client) -> None:
     gather = client.get_model_config("gather").config
     assert gather.max_batch_size == 4
     assert gather.dynamic_batching.max_queue_delay_microseconds == 300_000
+    # No batch axis: dims are the whole shape, and there is no dynamic batching to describe.
+    unbatched = client.get_model_config("unbatched").config
+    assert unbatched.max_batch_size == 0
+    assert not unbatched.HasField("dynamic_batching")
+    assert [list(i.dims) for i in unbatched.input] == [[-1, 4]]
 
 
 def test_sync_infer_matches_onnx_runtime(client, repository: Path) -> None:
