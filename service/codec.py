@@ -11,6 +11,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -151,16 +152,56 @@ def _from_typed(
             f"input '{tensor.name}': {field_name} holds {len(values)} values; shape "
             f"{list(tensor.shape)} needs {count}"
         )
-    array = np.asarray(values)
-    if (
-        dtype.kind in "iu"
-        and count
-        and (array.min() < np.iinfo(dtype).min or array.max() > np.iinfo(dtype).max)
-    ):
-        raise InvalidArgument(
-            f"input '{tensor.name}': a value in {field_name} is out of range for {tensor.datatype}"
-        )
-    return array.astype(dtype, copy=False).reshape(tuple(tensor.shape))
+    array = _packed(tensor.contents, field_name, count, dtype)
+    if array is None:
+        # The values one by one, in C, straight into the datatype: half the time and memory
+        # of an array of Python's widest type cast afterwards. Out of range is an overflow.
+        try:
+            array = np.fromiter(values, dtype, count)
+        except OverflowError:
+            raise InvalidArgument(
+                f"input '{tensor.name}': a value in {field_name} is out of range for "
+                f"{tensor.datatype}"
+            ) from None
+    return array.reshape(tuple(tensor.shape))
+
+
+_FIXED_WIDTH: dict[str, np.dtype[Any]] = {
+    "fp32_contents": np.dtype("<f4"),
+    "fp64_contents": np.dtype("<f8"),
+}
+
+
+def _packed(
+    contents: pb.InferTensorContents, field_name: str, count: int, dtype: np.dtype
+) -> np.ndarray | None:
+    """FP32 or FP64 values read as one block off the wire, or None where that does not apply.
+
+    A proto3 repeated float or double is packed: on the wire, a tag, a length and the values
+    as little-endian IEEE numbers, which is an array already. Serialising the contents (only
+    this field is set, as checked) is a memory copy, about 1 ms for 8 MB, where taking the
+    values one by one takes about 90 ms and holds the event loop. Anything unexpected in the
+    framing gives None, and the caller takes the values one by one.
+    """
+    wire_dtype = _FIXED_WIDTH.get(field_name)
+    if wire_dtype is None or not count:
+        return None
+    wire = contents.SerializeToString()
+    tag = contents.DESCRIPTOR.fields_by_name[field_name].number << 3 | 2  # length-delimited
+    if not wire or wire[0] != tag:
+        return None
+    length, offset, shift = 0, 1, 0  # after the one-byte tag (field numbers below 16)
+    while offset < len(wire) and shift < 64:
+        byte = wire[offset]
+        offset += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            break
+    if length != count * wire_dtype.itemsize or len(wire) - offset != length:
+        return None
+    array: np.ndarray = np.frombuffer(wire, wire_dtype, count, offset)
+    return array.astype(dtype, copy=False)
 
 
 def decode_request(request: pb.ModelInferRequest, max_elements: int) -> InferenceRequest:
