@@ -224,6 +224,15 @@ class Runtime:
         self.output_names = [o.name for o in self.outputs]
         self.metadata: dict[str, str] = dict(first.get_modelmeta().custom_metadata_map)
         self.buckets: tuple[int, ...] = ()  # batch sizes to pad up to on CUDA (set by the owner)
+        # Inputs of any size (a dense twin): ONNX Runtime's CPU arena keeps the largest pass's
+        # peak for good (one 1536x1536 pass: 1.3 GB for the demo's dense twin, 280 MB for
+        # ResNet-18's, above a 384x384 one). A pass well above the recent ones shrinks the arena
+        # as it ends (see _run_options_for). Not every pass: that costs the demo 50 % at 384.
+        self._shrink: ort.RunOptions | None = None
+        self._typical_elements = 0.0  # moving average of the input elements of a pass
+        if dynamic_shapes and not self.on_cuda:
+            self._shrink = ort.RunOptions()
+            self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def _sessions(self, instances: int, threads: int) -> list[ort.InferenceSession]:
         options = ort.SessionOptions()
@@ -278,7 +287,9 @@ class Runtime:
         """Run one batch on one instance; returns every output, in the model's order."""
         session = self.sessions[instance]
         if not self.on_cuda:
-            return session.run(self.output_names, dict(feeds))  # type: ignore[no-any-return]
+            return session.run(  # type: ignore[no-any-return]
+                self.output_names, dict(feeds), self._run_options_for(feeds)
+            )
         feeds, rows = self._bucketed(feeds)
         binding = session.io_binding()
         for name, value in feeds.items():
@@ -288,6 +299,15 @@ class Runtime:
         session.run_with_iobinding(binding)
         outputs: list[np.ndarray] = binding.copy_outputs_to_cpu()
         return outputs if rows is None else [o[:rows] for o in outputs]
+
+    def _run_options_for(self, feeds: Mapping[str, np.ndarray]) -> ort.RunOptions | None:
+        """Shrink the arena after a pass more than twice the size of the recent ones."""
+        if self._shrink is None:
+            return None
+        elements = sum(value.size for value in feeds.values())
+        typical = self._typical_elements
+        self._typical_elements = 0.9 * typical + 0.1 * elements if typical else elements
+        return self._shrink if typical and elements > 2 * typical else None
 
     def _bucketed(
         self, feeds: Mapping[str, np.ndarray]

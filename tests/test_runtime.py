@@ -136,3 +136,28 @@ def test_the_cgroup_cpu_limit_caps_the_cores(
     unlimited = available_cores(tmp_path / "nowhere")
     expected = unlimited if quota is None else min(unlimited, max(1, int(quota)))
     assert available_cores(tmp_path) == expected
+
+
+def _resident_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status")
+
+
+def test_a_dense_pass_far_above_the_recent_ones_gives_its_memory_back() -> None:
+    # ONNX Runtime's CPU arena kept a 1536x1536 pass of the demo's dense twin (1.3 GB) for good.
+    dense = BUNDLED_REPOSITORY / "digits" / "1" / "model.dense.onnx"
+    runtime = Runtime(dense, DeviceChoice("cpu"), 1, 0, dynamic_shapes=True)
+    rng = np.random.default_rng(0)
+    usual = {"input": rng.standard_normal((1, 1, 384, 384)).astype(np.float32)}
+    for _ in range(3):
+        runtime.run(usual)
+    before = _resident_mb()
+    huge = runtime.run({"input": rng.standard_normal((1, 1, 1536, 1536)).astype(np.float32)})
+    assert huge[0].shape[2:] == (765, 765)  # it did run at that size
+    del huge
+    assert _resident_mb() - before < 300
+    after_usual = runtime.run(usual)[0]  # and the usual size runs on as before
+    assert after_usual.shape[2:] == (189, 189)
+    runtime.close()
