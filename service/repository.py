@@ -399,12 +399,14 @@ class ModelRepository:
     async def unload(self, name: str) -> None:
         """Stop serving a model folder; in-flight requests finish first.
 
-        Raises:
-            ModelNotFound: the model is not loaded.
+        A name that is not loaded, nor ever was, is a success with nothing to do, as in Triton
+        (its API: "unloading a model that is not loaded on server has no affect and success
+        code will be returned"), so an unload-then-load script runs the same on both.
         """
         logical = self.logical_name(name) if name not in self._state else name
         if logical not in self._state:
-            raise ModelNotFound(name)
+            log.info("unload of %r: no such model is loaded; nothing to do", name[:200])
+            return
         async with self._locks.setdefault(logical, asyncio.Lock()):
             await self._swap(logical, [])
             self._state[logical] = ("UNAVAILABLE", "unloaded")

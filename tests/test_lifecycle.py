@@ -203,6 +203,14 @@ def test_reload_with_a_new_version_while_traffic_flows(slow_repository: Path) ->
         assert not client.is_model_ready("digits")
         index = {(m.name, m.state) for m in client.get_model_repository_index().models}
         assert ("digits", "UNAVAILABLE") in index
+        # Unloading what is not loaded, or never was, succeeds with nothing to do (Triton's API),
+        # and invents no entry; loading what is not on disk is still NOT_FOUND.
+        client.unload_model("digits")
+        client.unload_model("never_was")
+        assert "never_was" not in {m.name for m in client.get_model_repository_index().models}
+        with pytest.raises(InferenceServerException) as missing:
+            client.load_model("never_was")
+        assert missing.value.status() == "StatusCode.NOT_FOUND"
         client.load_model("digits")
         assert client.is_model_ready("digits") and client.is_model_ready("digits_dense")
         with grpc.insecure_channel(server.grpc_address) as channel:  # SERVING again, for good
