@@ -23,13 +23,18 @@ ENV VIRTUAL_ENV=/opt/convserve \
     PATH=/opt/convserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
+# The dependencies first, in a layer that only a change to pyproject.toml rebuilds (onnxruntime-gpu
+# alone is hundreds of MB), read from its [project] table; the `gpu` extra adds NVML for the GPU
+# gauges. Then the wheel itself, without them, which every source change rebuilds.
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python3 -m venv "$VIRTUAL_ENV" \
+    && python3 -c "import tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu']))" > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && rm /tmp/pyproject.toml /tmp/requirements.txt
 COPY --from=wheel /wheels /wheels
-# The `gpu` extra adds NVML for the GPU gauges; onnxruntime-gpu comes with the base install.
 # DL3013: the wheel is this source tree; its dependencies are pinned in pyproject.toml.
 # hadolint ignore=DL3013
-RUN python3 -m venv "$VIRTUAL_ENV" \
-    && WHEEL="$(ls /wheels/convserve-*.whl)" \
-    && pip install --no-cache-dir "${WHEEL}[gpu]" \
+RUN pip install --no-cache-dir --no-deps /wheels/convserve-*.whl \
     && rm -rf /wheels
 # The demo repository, also outside the package, for an init container to copy into a volume.
 COPY service/model_repository /opt/convserve-demo-models

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -90,6 +91,25 @@ def test_dockerfile_is_hadolint_clean() -> None:
         assert needed in text, needed
     assert "torch" not in text.split("FROM ${BASE}")[1]  # the runtime stage has no torch
     assert (ROOT / ".dockerignore").is_file()
+
+
+def test_the_image_installs_exactly_the_projects_runtime_dependencies(tmp_path: Path) -> None:
+    # The dependency layer reads them from pyproject.toml with a one-line program: run it here.
+    import tomllib
+
+    text = (ROOT / "Dockerfile").read_text()
+    [program] = re.findall(r'python3 -c "([^"]+)" > /tmp/requirements.txt', text)
+    program = program.replace("/tmp/pyproject.toml", str(ROOT / "pyproject.toml"))
+    printed = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.splitlines()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert printed == project["dependencies"] + project["optional-dependencies"]["gpu"]
+    assert "--no-deps /wheels/convserve-" in text  # and the wheel on top, without them
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
