@@ -10,6 +10,8 @@ The network is traced with ``torch.fx`` and shapes are propagated at the trainin
   (a pooled map of size ``o`` from ``i`` becomes an ``i/o`` window, and the first converted
   convolution is dilated by ``i/o``), so the map keeps the feature stride and every cell equals
   the crop at its offset;
+* a mean over every spatial axis (``x.mean((2, 3))``, pooling and flatten in one, as in
+  ShuffleNet) becomes an average over the whole feature window with stride 1, its result the map;
 * element-wise layers between them (ReLU, Dropout, Hardswish, BatchNorm1d, ...) carry over.
 
 Pooling that does not feed the classifier (squeeze-and-excitation blocks, for instance) stays
@@ -73,6 +75,7 @@ _POINTWISE_FUNCTIONS: set[Any] = {
 }
 _POINTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone"}
 _SHAPE_QUERIES = {"size", "dim"}
+_MEAN_CALLS: set[Any] = {torch.mean}
 _FLATTEN_CALLS: set[Any] = {torch.flatten, torch.reshape}
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
 _ADAPTIVE_POOL_MODULES = (
@@ -167,6 +170,27 @@ class _Rewriter:
         before, after = _shape(source), _shape(node)
         return len(before) == self.ndim + 2 and len(after) == 2 and after[1] == _prod(before[1:])
 
+    def _is_spatial_mean(self, node: fx.Node) -> bool:
+        """``x.mean(dims)`` over exactly the spatial axes of a map, without keepdim: [N, C]."""
+        if not (
+            (node.op == "call_function" and node.target in _MEAN_CALLS)
+            or (node.op == "call_method" and node.target == "mean")
+        ):
+            return False
+        source = node.args[0]
+        if not isinstance(source, fx.Node) or len(_shape(source)) != self.ndim + 2:
+            return False
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if isinstance(dims, int):
+            dims = (dims,)
+        if keepdim or not isinstance(dims, (list, tuple)):
+            return False
+        if not all(isinstance(d, int) for d in dims):
+            return False
+        rank = self.ndim + 2
+        return sorted(d % rank for d in dims) == list(range(2, rank))
+
     def _is_pointwise(self, node: fx.Node) -> bool:
         if node.op == "call_module":
             module = self.modules[str(node.target)]
@@ -236,6 +260,8 @@ class _Rewriter:
             self._replace_head_pool(node)
         elif self._is_flatten(node):
             self._replace_flatten(node, dilated_inputs)
+        elif self._is_spatial_mean(node) and not dilated_inputs:
+            self._replace_spatial_mean(node)
         elif dilated_inputs:
             if not self._is_pointwise(node):
                 raise ConversionError(
@@ -329,6 +355,24 @@ class _Rewriter:
         # The flattened value is now the map itself; later layers look it up by its source.
         self.flat[source] = _Flat(channels=before[1], kernel=before[2:], dilation=dilation)
         self.result.converted.append(f"'{node.name}' (flatten of {list(before[1:])}) -> identity")
+
+    def _replace_spatial_mean(self, node: fx.Node) -> None:
+        source = node.args[0]
+        assert isinstance(source, fx.Node)
+        before = _shape(source)
+        pool_module = _fixed_pool("avg", before[2:], self.ndim)
+        name = f"dense_pool_{node.name}"
+        self.gm.add_submodule(name, pool_module)
+        with self.gm.graph.inserting_after(node):
+            new = self.gm.graph.call_module(name, (source,))
+        node.replace_all_uses_with(new)
+        self.gm.graph.erase_node(node)
+        ones = (1,) * self.ndim
+        self.flat[new] = _Flat(channels=before[1], kernel=ones, dilation=ones)
+        self.result.converted.append(
+            f"{_describe(node, self.modules)} (mean over {list(before[2:])}) -> "
+            f"{type(pool_module).__name__}(kernel={list(before[2:])}, stride=1)"
+        )
 
     def _replace_linear(self, node: fx.Node, linear: nn.Linear, state: _Flat) -> _Flat:
         expected = state.channels * _prod(state.kernel)

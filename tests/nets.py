@@ -74,15 +74,46 @@ class LayerNormHead(nn.Module):
         return self.out(self.norm(self.fc(torch.flatten(self.conv(x), 1))))
 
 
+class MeanHead(nn.Module):
+    """Pooling and flatten in one ``x.mean((-2, -1))`` before the Linear layers, as ShuffleNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU()
+        )
+        self.fc1 = nn.Linear(16, 12)
+        self.fc2 = nn.Linear(12, 4)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.features(x).mean((-2, -1))  # window 13: 11 -> 5
+        return self.fc2(torch.relu(self.fc1(pooled)))
+
+
 class FullyConvolutional(nn.Module):
-    """No fully-connected head at all."""
+    """No fully-connected layer: class maps averaged over the whole window (torch.mean)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mean(self.conv(x), dim=[2, 3])  # window 8: 6x6 maps
+
+
+class NoHead(nn.Module):
+    """No fully-connected head and no pooling the conversion knows (a maximum over the map)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, 3, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x).mean(dim=(2, 3))
+        return self.conv(x).amax(dim=(2, 3))
 
 
 class UnevenPool(nn.Module):

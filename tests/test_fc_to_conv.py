@@ -24,6 +24,8 @@ CASES = {
     "sequential_2d": (nets.padding_free_2d, (3, 16, 16), (4, 4)),
     "conv1d": (nets.padding_free_1d, (2, 31), (4,)),
     "pooled_head": (nets.PooledHead, (1, 15, 15), (2, 2)),
+    "mean_head": (nets.MeanHead, (3, 13, 13), (2, 2)),
+    "fully_convolutional": (nets.FullyConvolutional, (1, 8, 8), (1, 1)),
 }
 
 
@@ -95,6 +97,16 @@ def test_every_dense_cell_equals_its_crop(name: str, extra: list[int], exported:
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+def test_a_mean_over_the_spatial_axes_is_pooling_and_flatten_in_one() -> None:
+    dense = to_dense(nets.MeanHead(), (3, 13, 13))
+    assert any(
+        "(mean over [5, 5]) -> AvgPool2d(kernel=[5, 5], stride=1)" in line
+        for line in dense.converted
+    )
+    assert any("'fc1' (Linear 16->12) -> Conv2d(kernel=[1, 1]" in line for line in dense.converted)
+    assert dense.module(torch.zeros(1, 3, 17, 15)).shape == (1, 4, 3, 2)
+
+
 def test_dilated_head_keeps_feature_stride() -> None:
     dense = to_dense(nets.PooledHead(), (1, 15, 15))
     assert any("AvgPool2d(kernel=[3, 3], stride=1)" in line for line in dense.converted)
@@ -106,7 +118,7 @@ def test_dilated_head_keeps_feature_stride() -> None:
     ("factory", "shape", "message"),
     [
         (nets.LayerNormHead, (1, 8, 8), r"'norm' \(LayerNorm\) follows the flatten"),
-        (nets.FullyConvolutional, (1, 8, 8), r"no fully-connected head.*--no-dense"),
+        (nets.NoHead, (1, 8, 8), r"no fully-connected head.*--no-dense"),
         (nets.UnevenPool, (1, 7, 7), r"'pool' .* pools a 5-wide feature map to 2"),
     ],
 )

@@ -1,4 +1,4 @@
-"""FC-as-conv on torchvision's own AlexNet, VGG, ResNet and MobileNet classes (untrained)."""
+"""FC-as-conv on torchvision's AlexNet, VGG, ResNet, MobileNet and ShuffleNet (untrained)."""
 
 from __future__ import annotations
 
@@ -114,3 +114,17 @@ def test_vgg16_converts_and_matches_the_cs231n_table(tmp_path: Path) -> None:
         window = image[:, :, :224, :224]
         torch.testing.assert_close(dense(window)[:, :, 0, 0], model(window), atol=1e-4, rtol=0)
         assert dense(image).shape == (2, 1000, 2, 2)
+
+
+def test_shufflenet_mean_head_converts_and_its_one_cell_is_the_classifier() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5().eval()
+    dense = to_dense(model, (3, 224, 224))
+    assert any("(mean over [7, 7]) -> AvgPool2d" in line for line in dense.converted)
+    image = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 3, 224, 224)))
+    with torch.no_grad():
+        one_cell = dense.module(image.float())
+        expected = model(image.float())
+        assert dense.module(torch.zeros(1, 3, 288, 256)).shape == (1, 1000, 3, 2)
+    assert one_cell.shape == (1, 1000, 1, 1)
+    torch.testing.assert_close(one_cell[:, :, 0, 0], expected, atol=1e-5, rtol=0)
