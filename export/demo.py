@@ -7,6 +7,7 @@ exactly crop-equivalent: a strip of digits side by side yields a map with one ce
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,11 @@ WINDOW = 8
 # scikit-learn's digits hold 0..16; an 8-bit image of one holds round(value * 255 / 16).
 LEVELS = 16
 EPOCHS = 60
+DEMO_CONFIG = {"dynamic_batching": {"max_queue_delay_microseconds": 2000}}
+"""The demo's serving knobs. A model this small costs the server far more than it computes, so
+requests are gathered for up to 2 ms to share one batch, which ends as soon as as many have come
+as the last full window gathered (see service/batcher.py). Measured against no window, side by
+side on two cores: +4 % requests/s at 4 clients, +31 % at 16, +7 % at 64; -5 % at 1 (noise)."""
 
 
 class DigitsNet(nn.Module):
@@ -130,7 +136,10 @@ def make_demo(
     on_epoch: Callable[[int, float], None] = lambda _e, _l: None,
     progress: Callable[[str], None] = lambda _s: None,
 ) -> tuple[TrainedDigits, ExportReport]:
-    """Train the digits model and export it as ``repository/digits/1`` with its dense variant."""
+    """Train the digits model and export it as ``repository/digits/1`` with its dense variant.
+
+    Also writes the entry's ``config.json`` (:data:`DEMO_CONFIG`).
+    """
     trained = train_digits(on_epoch=on_epoch)
     spec = ExportSpec(
         source="export.demo:DigitsNet",
@@ -141,4 +150,6 @@ def make_demo(
         labels=tuple(str(d) for d in range(10)),
         preprocess=Preprocess("L", 1 / 255, (trained.mean,), (trained.std,)),
     )
-    return trained, export_entry(trained.model, spec, progress)
+    report = export_entry(trained.model, spec, progress)
+    (repository / "digits" / "config.json").write_text(json.dumps(DEMO_CONFIG, indent=2) + "\n")
+    return trained, report

@@ -13,6 +13,10 @@ Contract:
   ``PROBE_EVERY``-th one waits the window again to see whether company has come. Any batch of
   more than one request brings the window back. So a window tuned for throughput under load
   costs a lone client (concurrency 1) nothing but the occasional probe.
+* A window also ends once as many requests have queued as the last window that ran its whole
+  length gathered, if that was two or more: with that many clients, more are unlikely to come.
+  Every ``REMEASURE_EVERY``-th window runs in full again, to see more come. So a window sized for
+  many clients does not make a few wait it out (they would, every batch, with a fixed window).
 * A batch holds requests of one shape key only (dense images of different sizes never share a
   batch) and at most ``max_batch_size`` images, cut at the largest preferred size that fits.
 * Requests whose deadline has passed or whose caller has gone are dropped before they cost
@@ -46,12 +50,25 @@ import numpy as np
 
 from .errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
 
-__all__ = ["LONE_WINDOWS", "PROBE_EVERY", "BatchObserver", "BatchQueue", "Pending", "RunBatch"]
+__all__ = [
+    "LONE_WINDOWS",
+    "PROBE_EVERY",
+    "REMEASURE_EVERY",
+    "BatchObserver",
+    "BatchQueue",
+    "Pending",
+    "RunBatch",
+]
 
 log = logging.getLogger(__name__)
 
 LONE_WINDOWS = 3
 """Windows in a row that gathered only their first request, after which the window is skipped."""
+
+REMEASURE_EVERY = 32
+"""While windows end early at the company the last full window gathered, every this-many-th one
+runs its whole length again, so that more company is seen (less shows at once: the count is not
+reached, and the window runs out)."""
 
 PROBE_EVERY = 256
 """While the window is skipped, every this-many-th batch waits it again: 0.4 % of a lone client's
@@ -124,6 +141,8 @@ class BatchQueue:
         self._max_batch = max(1, max_batch_size)
         self._delay = max_queue_delay_microseconds / 1e6
         self._lone = 0  # windows in a row that gathered only their first request
+        self._company = 0  # requests the last window that ran its whole length gathered
+        self._since_full = 0  # windows since the last one that had to run its whole length
         self._since_probe = 0
         self._probing = False  # submit decided the next batch waits the window
         self._preferred = sorted(p for p in preferred_batch_size if p <= self._max_batch)
@@ -235,9 +254,10 @@ class BatchQueue:
                 await self._arrived.wait()
             waited = self._probing or self._window_now()
             self._probing = False
-            if waited:
-                await self._wait_window()
+            full = waited and await self._wait_window()
             batch = self._collect()
+            if full:
+                self._company, self._since_full = len(batch), 0
             if waited and len(batch) == 1:
                 self._lone += 1
             elif len(batch) > 1:
@@ -265,17 +285,33 @@ class BatchQueue:
         self._since_probe = 0
         return True
 
-    async def _wait_window(self) -> None:
+    async def _wait_window(self) -> bool:
+        """Wait for company from the first queued request on; True if it ran its whole length.
+
+        It ends early when the batch is full, and, where the last window that ran its whole
+        length gathered company (two requests or more), once as many requests have queued:
+        with that many clients, more are unlikely to come within it. A fixed window waits in
+        full whenever the clients are fewer than a batch (the demo model with a 2 ms window:
+        at 4 clients, 1,018 against 1,735 requests/s without one; at 64, 2,076 against 1,836).
+        """
+        target = 0
+        if self._company >= 2:
+            self._since_full += 1
+            if self._since_full < REMEASURE_EVERY:
+                target = self._company
         ends = self._queue[0].enqueued + self._delay
         while not self._closing:
+            if self._images >= self._max_batch or (target and len(self._queue) >= target):
+                return False
             remaining = ends - time.monotonic()
-            if remaining <= 0 or self._images >= self._max_batch:
-                return
+            if remaining <= 0:
+                return True
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except TimeoutError:
-                return
+                return True
+        return False
 
     def _usable(self, pending: Pending, now: float) -> bool:
         if pending.future.done():  # the caller went away, or its own timeout ended it

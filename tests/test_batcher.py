@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.batcher import LONE_WINDOWS, PROBE_EVERY, BatchQueue
+from service.batcher import LONE_WINDOWS, PROBE_EVERY, REMEASURE_EVERY, BatchQueue
 from service.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
 
 
@@ -394,4 +394,28 @@ async def test_a_window_that_gathers_nobody_is_skipped_but_probed(executor) -> N
     assert not lone.done()  # the window is back: it waits for company again
     await lone
     assert seen.batches[-1] == (1, 1)
+    await queue.close()
+
+
+async def test_a_window_ends_once_the_company_of_the_last_full_one_has_come(executor) -> None:
+    run = Recorder()
+    window = 0.3
+    queue = BatchQueue(
+        run, [executor], max_batch_size=8, max_queue_delay_microseconds=int(window * 1e6)
+    )
+    loop = asyncio.get_running_loop()
+
+    async def together(n: int) -> float:
+        """Submit n requests at once; seconds until all are answered."""
+        started = loop.time()
+        await asyncio.gather(*(queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(n)))
+        return loop.time() - started
+
+    assert await together(3) >= window * 0.9  # nothing known yet: the whole window
+    assert await together(3) < window / 2  # three came last time: three end it
+    assert await together(2) >= window * 0.9  # fewer: the window runs out, and two is the mark
+    early = [await together(2) < window / 2 for _ in range(REMEASURE_EVERY - 1)]
+    assert early == [True] * (REMEASURE_EVERY - 1)
+    assert await together(2) >= window * 0.9  # then one runs in full, to see whether more come
+    assert run.sizes == [3, 3, 2, *[2] * REMEASURE_EVERY]
     await queue.close()

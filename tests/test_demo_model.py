@@ -14,6 +14,7 @@ import pytest
 
 from export.demo import digits_split
 from export.onnx_export import IR_VERSION
+from service import BUNDLED_REPOSITORY
 
 
 def metadata(path: Path) -> dict[str, object]:
@@ -92,6 +93,8 @@ def test_demo_recreates_the_bundled_model(tmp_path: Path, digits_files: tuple[Pa
     assert result.returncode == 0, result.stderr
     assert "held-out accuracy" in result.stdout
     assert "training digits" in result.stderr  # the progress bar
+    bundled_config = BUNDLED_REPOSITORY / "digits" / "config.json"
+    assert (tmp_path / "digits" / "config.json").read_text() == bundled_config.read_text()
     fresh = tmp_path / "digits" / "1"
     assert held_out_accuracy(fresh / "model.onnx") == held_out_accuracy(digits_files[0])
     probe = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
