@@ -14,6 +14,10 @@ The network is traced with ``torch.fx`` and shapes are propagated at the trainin
   ShuffleNet) becomes an average over the whole feature window with stride 1, its result the map;
 * element-wise layers between them (ReLU, Dropout, Hardswish, BatchNorm1d, ...) carry over.
 
+Layers that act on the channels of each position alone stay as they are, wherever they sit: a
+``Linear`` or ``LayerNorm`` over the last axis of a map permuted to channels-last (ConvNeXt's
+blocks and its head's LayerNorm2d) means the same on a map of any size.
+
 Pooling that does not feed the classifier (squeeze-and-excitation blocks, for instance) stays
 global over the whole input: the dense map is then approximate, which the export measures.
 Anything else on the classifier path is a :class:`ConversionError` naming the layer.
@@ -152,6 +156,7 @@ class _Rewriter:
         self.modules = dict(gm.named_modules())
         self.flat: dict[fx.Node, _Flat] = {}
         self.dilated: dict[fx.Node, tuple[int, ...]] = {}
+        self.channels_last: set[fx.Node] = set()  # maps permuted to [N, *spatial, C]
         self.result = DenseModule(module=gm)
         self.head_pools = self._pools_feeding_flatten()
 
@@ -191,6 +196,37 @@ class _Rewriter:
         rank = self.ndim + 2
         return sorted(d % rank for d in dims) == list(range(2, rank))
 
+    def _permutation(self, node: fx.Node) -> tuple[int, ...] | None:
+        """The axes order of a permute node (``x.permute(0, 2, 3, 1)``, ``torch.permute``)."""
+        if node.op == "call_method" and node.target == "permute":
+            dims: Any = node.args[1:]
+            if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+                dims = dims[0]
+        elif node.op == "call_function" and node.target is torch.permute:
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dims")
+        else:
+            return None
+        if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+            return None
+        return tuple(d % len(dims) for d in dims)
+
+    def _per_position(self, node: fx.Node, inputs: list[fx.Node]) -> bool:
+        """Whether ``node`` is a channels-last map: a permute to it, or a per-channel layer on one.
+
+        On such a map, a Linear or a LayerNorm over the last axis (and anything element-wise)
+        treats every position alone, so it needs no rewriting for a larger input.
+        """
+        rank = self.ndim + 2
+        if self._permutation(node) == (0, *range(2, rank), 1):
+            return len(_shape(node.args[0])) == rank
+        if not any(a in self.channels_last for a in inputs):
+            return False
+        if self._is_pointwise(node) or self._normalised_shape(node) == 1:
+            return True
+        if node.op == "call_module":
+            return isinstance(self.modules[str(node.target)], nn.Linear)
+        return node.op == "call_function" and node.target is torch.nn.functional.linear
+
     def _is_pointwise(self, node: fx.Node) -> bool:
         if node.op == "call_module":
             module = self.modules[str(node.target)]
@@ -223,11 +259,34 @@ class _Rewriter:
             if not self._is_flatten(node):
                 continue
             source = node.args[0]
-            while isinstance(source, fx.Node) and self._is_pointwise(source):
+            while isinstance(source, fx.Node) and (
+                self._is_pointwise(source) or self._is_channel_norm_step(source)
+            ):
                 source = source.args[0]
             if isinstance(source, fx.Node) and self._adaptive_pool(source) is not None:
                 pools.add(source)
         return pools
+
+    def _is_channel_norm_step(self, node: fx.Node) -> bool:
+        """A step of a channel LayerNorm on a map: to channels-last, the norm, and back.
+
+        ConvNeXt's head normalises its pooled map so (LayerNorm2d) before the flatten.
+        """
+        rank = self.ndim + 2
+        order = self._permutation(node)
+        if order is not None:
+            return order in ((0, *range(2, rank), 1), (0, rank - 1, *range(1, rank - 1)))
+        return self._normalised_shape(node) == 1
+
+    def _normalised_shape(self, node: fx.Node) -> int | None:
+        """The axes a LayerNorm node normalises over (None: not a LayerNorm)."""
+        if node.op == "call_module":
+            module = self.modules[str(node.target)]
+            return len(module.normalized_shape) if isinstance(module, nn.LayerNorm) else None
+        if node.op == "call_function" and node.target is torch.nn.functional.layer_norm:
+            shape: Any = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+            return len(shape)
+        return None
 
     # -- rewriting ------------------------------------------------------------------------------
     def run(self) -> DenseModule:
@@ -269,8 +328,15 @@ class _Rewriter:
                     "and its flatten; only element-wise layers may sit there"
                 )
             self.dilated[node] = self.dilated[dilated_inputs[0]]
-        elif self._adaptive_pool(node) is not None:
+        else:
+            self._visit_map(node, inputs)
+
+    def _visit_map(self, node: fx.Node, inputs: list[fx.Node]) -> None:
+        """A layer off the classifier path: kept as it is, unless it cannot mean the same."""
+        if self._adaptive_pool(node) is not None:
             self.result.global_pools.append(_describe(node, self.modules))
+        elif self._per_position(node, inputs):
+            self.channels_last.add(node)
         elif node.op == "call_module" and isinstance(self.modules[str(node.target)], nn.Linear):
             raise ConversionError(
                 f"layer {_describe(node, self.modules)} is applied to an unflattened "

@@ -127,3 +127,41 @@ class UnevenPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.conv(x)), 1))
+
+
+class ChannelsLastBlocks(nn.Module):
+    """ConvNeXt's shape, padding-free: per-position Linear layers on a channels-last map in the
+    features, and a LayerNorm over the pooled map's channels (as LayerNorm2d) before the flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 2, stride=2)
+        self.depthwise = nn.Conv2d(8, 8, 3, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.expand = nn.Linear(8, 16)
+        self.project = nn.Linear(16, 8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head_norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.depthwise(self.stem(x)).permute(0, 2, 3, 1)  # window 12: 6 -> 4
+        x = self.project(nn.functional.gelu(self.expand(self.norm(x))))
+        x = self.pool(torch.permute(x, (0, 3, 1, 2)))
+        x = self.head_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+class LinearOverWidth(nn.Module):
+    """A Linear over a map's last axis, which is its width: it cannot take a wider map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.mix = nn.Linear(6, 6)
+        self.fc = nn.Linear(2 * 6 * 6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.mix(self.conv(x)), 1))

@@ -26,6 +26,7 @@ CASES = {
     "pooled_head": (nets.PooledHead, (1, 15, 15), (2, 2)),
     "mean_head": (nets.MeanHead, (3, 13, 13), (2, 2)),
     "fully_convolutional": (nets.FullyConvolutional, (1, 8, 8), (1, 1)),
+    "channels_last": (nets.ChannelsLastBlocks, (3, 12, 12), (2, 2)),
 }
 
 
@@ -120,6 +121,7 @@ def test_dilated_head_keeps_feature_stride() -> None:
         (nets.LayerNormHead, (1, 8, 8), r"'norm' \(LayerNorm\) follows the flatten"),
         (nets.NoHead, (1, 8, 8), r"no fully-connected head.*--no-dense"),
         (nets.UnevenPool, (1, 7, 7), r"'pool' .* pools a 5-wide feature map to 2"),
+        (nets.LinearOverWidth, (1, 8, 8), r"'mix' \(Linear\) is applied to an unflattened"),
     ],
 )
 def test_unconvertible_heads_name_the_layer(factory, shape, message) -> None:

@@ -1,4 +1,4 @@
-"""FC-as-conv on torchvision's AlexNet, VGG, ResNet, MobileNet and ShuffleNet (untrained)."""
+"""FC-as-conv on torchvision's AlexNet, VGG, ResNet, MobileNet, ShuffleNet, ConvNeXt (untrained)."""
 
 from __future__ import annotations
 
@@ -116,11 +116,20 @@ def test_vgg16_converts_and_matches_the_cs231n_table(tmp_path: Path) -> None:
         assert dense(image).shape == (2, 1000, 2, 2)
 
 
-def test_shufflenet_mean_head_converts_and_its_one_cell_is_the_classifier() -> None:
+@pytest.mark.parametrize(
+    ("name", "converted"),
+    [
+        ("shufflenet_v2_x0_5", "(mean over [7, 7]) -> AvgPool2d"),  # pooling and flatten in one
+        ("convnext_tiny", "'avgpool' (AdaptiveAvgPool2d) -> AvgPool2d"),  # channels-last blocks
+    ],
+)
+def test_mean_and_channels_last_heads_convert_and_one_cell_is_the_classifier(
+    name: str, converted: str
+) -> None:
     torch.manual_seed(0)
-    model = torchvision.models.shufflenet_v2_x0_5().eval()
+    model = getattr(torchvision.models, name)().eval()
     dense = to_dense(model, (3, 224, 224))
-    assert any("(mean over [7, 7]) -> AvgPool2d" in line for line in dense.converted)
+    assert any(converted in line for line in dense.converted), dense.converted
     image = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 3, 224, 224)))
     with torch.no_grad():
         one_cell = dense.module(image.float())
