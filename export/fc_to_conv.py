@@ -414,6 +414,11 @@ class _Rewriter:
     def _replace_flatten(self, node: fx.Node, dilated_inputs: list[fx.Node]) -> None:
         source = node.args[0]
         assert isinstance(source, fx.Node)
+        if source in self.channels_last:
+            raise ConversionError(
+                f"layer {_describe(node, self.modules)} flattens a channels-last map: its "
+                "features are in an order no convolution over the channels-first map reads"
+            )
         before = _shape(source)
         dilation = self.dilated[dilated_inputs[0]] if dilated_inputs else (1,) * self.ndim
         node.replace_all_uses_with(source)

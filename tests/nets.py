@@ -165,3 +165,16 @@ class LinearOverWidth(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.mix(self.conv(x)), 1))
+
+
+class ChannelsLastFlatten(nn.Module):
+    """Flattens the pooled map in channels-last order (as a TensorFlow port might)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.conv(x)).permute(0, 2, 3, 1).flatten(1))

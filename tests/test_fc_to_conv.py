@@ -122,6 +122,11 @@ def test_dilated_head_keeps_feature_stride() -> None:
         (nets.NoHead, (1, 8, 8), r"no fully-connected head.*--no-dense"),
         (nets.UnevenPool, (1, 7, 7), r"'pool' .* pools a 5-wide feature map to 2"),
         (nets.LinearOverWidth, (1, 8, 8), r"'mix' \(Linear\) is applied to an unflattened"),
+        (
+            nets.ChannelsLastFlatten,
+            (1, 8, 8),
+            r"'flatten' \(tensor.flatten\) flattens a channels-last",
+        ),
     ],
 )
 def test_unconvertible_heads_name_the_layer(factory, shape, message) -> None:
