@@ -185,6 +185,8 @@ class _Rewriter:
         source = node.args[0]
         if not isinstance(source, fx.Node) or len(_shape(source)) != self.ndim + 2:
             return False
+        if source in self.channels_last:  # its axes 2, 3 are not the spatial ones
+            return False
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         if isinstance(dims, int):
@@ -218,7 +220,9 @@ class _Rewriter:
         """
         rank = self.ndim + 2
         if self._permutation(node) == (0, *range(2, rank), 1):
-            return len(_shape(node.args[0])) == rank
+            # Not back from channels-last: on a 1-D map, (0, 2, 1) goes both ways.
+            source = node.args[0]
+            return source not in self.channels_last and len(_shape(source)) == rank
         if not any(a in self.channels_last for a in inputs):
             return False
         if self._is_pointwise(node) or self._normalised_shape(node) == 1:

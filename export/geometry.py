@@ -230,7 +230,7 @@ class _Walker:
         elif (
             node.op_type in _GLOBAL
             or node.op_type in ("Flatten", "Reshape")
-            or (node.op_type in _FULLY_CONNECTED)
+            or (node.op_type in _FULLY_CONNECTED and not self._per_position(node))
         ):
             if node.op_type in _GLOBAL:
                 self.result.global_pooling.append(name)
@@ -249,6 +249,13 @@ class _Walker:
         if counted or params:
             activations = math.prod(shape[1:]) if counted and shape else 0
             self.result.layers.append(Layer(name, node.op_type, shape[1:], params, activations))
+
+    def _per_position(self, node: onnx.NodeProto) -> bool:
+        """Whether a MatMul acts on each position of a map alone, as a 1x1 convolution does.
+
+        A Linear on a channels-last map (ConvNeXt's blocks) is a MatMul over its last axis.
+        """
+        return node.op_type == "MatMul" and len(self.shapes.get(node.input[0], ())) > 2
 
     def _merge(self, node: onnx.NodeProto) -> _Reach | None:
         sources = [self.reach[i] for i in node.input if i in self.reach]

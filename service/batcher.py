@@ -256,7 +256,7 @@ class BatchQueue:
             self._probing = False
             full = waited and await self._wait_window()
             batch = self._collect()
-            if full:
+            if full and batch:  # (with several instances, the others' windows end empty)
                 self._company, self._since_full = len(batch), 0
             if waited and len(batch) == 1:
                 self._lone += 1

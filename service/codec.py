@@ -154,16 +154,29 @@ def _from_typed(
         )
     array = _packed(tensor.contents, field_name, count, dtype)
     if array is None:
-        # The values one by one, in C, straight into the datatype: half the time and memory
-        # of an array of Python's widest type cast afterwards. Out of range is an overflow.
-        try:
-            array = np.fromiter(values, dtype, count)
-        except OverflowError:
-            raise InvalidArgument(
-                f"input '{tensor.name}': a value in {field_name} is out of range for "
-                f"{tensor.datatype}"
-            ) from None
-    return array.reshape(tuple(tensor.shape))
+        # The values one by one, in C, into the field's own type (every value fits), not an
+        # array of Python's widest type: half the time and memory for INT32, say.
+        array = np.fromiter(values, _FIELD_TYPES[field_name], count)
+        if dtype.kind in "iu" and count and array.dtype != dtype:
+            limits = np.iinfo(dtype)
+            if array.min() < limits.min or array.max() > limits.max:
+                raise InvalidArgument(
+                    f"input '{tensor.name}': a value in {field_name} is out of range for "
+                    f"{tensor.datatype}"
+                )
+    return array.astype(dtype, copy=False).reshape(tuple(tensor.shape))
+
+
+# The numpy type of each typed-contents field as the message holds it.
+_FIELD_TYPES: dict[str, np.dtype[Any]] = {
+    "bool_contents": np.dtype(np.bool_),
+    "int_contents": np.dtype(np.int32),
+    "int64_contents": np.dtype(np.int64),
+    "uint_contents": np.dtype(np.uint32),
+    "uint64_contents": np.dtype(np.uint64),
+    "fp32_contents": np.dtype(np.float32),
+    "fp64_contents": np.dtype(np.float64),
+}
 
 
 _FIXED_WIDTH: dict[str, np.dtype[Any]] = {

@@ -229,7 +229,7 @@ class Runtime:
         # ResNet-18's, above a 384x384 one). A pass well above the recent ones shrinks the arena
         # as it ends (see _run_options_for). Not every pass: that costs the demo 50 % at 384.
         self._shrink: ort.RunOptions | None = None
-        self._typical_elements = 0.0  # moving average of the input elements of a pass
+        self._recent_peak = 0.0  # the largest recent pass's input elements, fading 5 % a pass
         if dynamic_shapes and not self.on_cuda:
             self._shrink = ort.RunOptions()
             self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -301,13 +301,18 @@ class Runtime:
         return outputs if rows is None else [o[:rows] for o in outputs]
 
     def _run_options_for(self, feeds: Mapping[str, np.ndarray]) -> ort.RunOptions | None:
-        """Shrink the arena after a pass more than twice the size of the recent ones."""
+        """Shrink the arena after a pass more than twice the largest recent one.
+
+        Against a fading peak, not an average: the scales of one multi-scale request, or a
+        mix of sizes that keeps coming, stay under it and keep their memory; only a pass far
+        above everything lately (it fades to half in about 14 passes) gives its peak back.
+        """
         if self._shrink is None:
             return None
         elements = sum(value.size for value in feeds.values())
-        typical = self._typical_elements
-        self._typical_elements = 0.9 * typical + 0.1 * elements if typical else elements
-        return self._shrink if typical and elements > 2 * typical else None
+        peak = self._recent_peak  # several instance threads may race here: a lost update only
+        self._recent_peak = max(float(elements), 0.95 * peak)
+        return self._shrink if peak and elements > 2 * peak else None
 
     def _bucketed(
         self, feeds: Mapping[str, np.ndarray]

@@ -178,3 +178,46 @@ class ChannelsLastFlatten(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.conv(x)).permute(0, 2, 3, 1).flatten(1))
+
+
+class ChannelsLast1d(nn.Module):
+    """A 1-D map normalised over its channels after pooling: (0, 2, 1) permutes both ways."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(2, 4, 3)
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 3)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.pool(self.conv(x)).permute(0, 2, 1)).permute(0, 2, 1)
+        return self.fc(torch.flatten(x, 1))  # window 9: 7 -> 1
+
+
+class LinearOverLength(nn.Module):
+    """A Linear over a 1-D map's length, between two permutes: it cannot take a longer map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 2, 3)
+        self.mix = nn.Linear(6, 6)
+        self.fc = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x).permute(0, 2, 1).permute(0, 2, 1)
+        return self.fc(torch.flatten(self.mix(x), 1))
+
+
+class ChannelsLastMean(nn.Module):
+    """A mean over axes 2 and 3 of a channels-last map: width and channels, not space."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).permute(0, 2, 3, 1).mean((2, 3)))

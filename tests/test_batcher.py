@@ -419,3 +419,23 @@ async def test_a_window_ends_once_the_company_of_the_last_full_one_has_come(exec
     assert await together(2) >= window * 0.9  # then one runs in full, to see whether more come
     assert run.sizes == [3, 3, 2, *[2] * REMEASURE_EVERY]
     await queue.close()
+
+
+async def test_with_two_instances_the_window_still_ends_at_the_company(executor) -> None:
+    # Both workers wait out the same window; the one that finds it empty measures nothing.
+    run, window = Recorder(), 0.3
+    queue = BatchQueue(
+        run, [executor, executor], max_batch_size=8, max_queue_delay_microseconds=300_000
+    )
+    loop = asyncio.get_running_loop()
+
+    async def together(n: int) -> float:
+        started = loop.time()
+        await asyncio.gather(*(queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(n)))
+        return loop.time() - started
+
+    assert await together(3) >= window * 0.9
+    assert await together(3) < window / 2
+    assert await together(3) < window / 2
+    assert run.sizes == [3, 3, 3]
+    await queue.close()

@@ -27,6 +27,7 @@ CASES = {
     "mean_head": (nets.MeanHead, (3, 13, 13), (2, 2)),
     "fully_convolutional": (nets.FullyConvolutional, (1, 8, 8), (1, 1)),
     "channels_last": (nets.ChannelsLastBlocks, (3, 12, 12), (2, 2)),
+    "channels_last_1d": (nets.ChannelsLast1d, (2, 9), (1,)),
 }
 
 
@@ -108,6 +109,11 @@ def test_a_mean_over_the_spatial_axes_is_pooling_and_flatten_in_one() -> None:
     assert dense.module(torch.zeros(1, 3, 17, 15)).shape == (1, 4, 3, 2)
 
 
+def test_per_position_linear_layers_keep_the_receptive_field(exported: dict) -> None:
+    # Kept as MatMul nodes over the last axis, they reach no further than a 1x1 convolution.
+    assert exported["channels_last"][1].geometry.receptive_field == (12, 12)
+
+
 def test_dilated_head_keeps_feature_stride() -> None:
     dense = to_dense(nets.PooledHead(), (1, 15, 15))
     assert any("AvgPool2d(kernel=[3, 3], stride=1)" in line for line in dense.converted)
@@ -127,6 +133,8 @@ def test_dilated_head_keeps_feature_stride() -> None:
             (1, 8, 8),
             r"'flatten' \(tensor.flatten\) flattens a channels-last",
         ),
+        (nets.LinearOverLength, (1, 8), r"'mix' \(Linear\) is applied to an unflattened"),
+        (nets.ChannelsLastMean, (1, 8, 8), r"'fc' \(Linear\) is applied to an unflattened"),
     ],
 )
 def test_unconvertible_heads_name_the_layer(factory, shape, message) -> None:
