@@ -401,12 +401,7 @@ class _Rewriter:
             return
         size = tuple(in_size) if global_pool else window
         pool_module = _fixed_pool(kind, size, self.ndim)
-        name = f"dense_pool_{node.name}"
-        self.gm.add_submodule(name, pool_module)
-        with self.gm.graph.inserting_after(node):
-            new = self.gm.graph.call_module(name, (source,))
-        node.replace_all_uses_with(new)
-        self.gm.graph.erase_node(node)
+        new = self._swap_for_pool(node, source, pool_module)
         new.meta = dict(node.meta)
         if not global_pool:
             self.dilated[new] = window
@@ -414,6 +409,16 @@ class _Rewriter:
             f"{_describe(node, self.modules)} -> {type(pool_module).__name__}"
             f"(kernel={list(size)}, stride=1)"
         )
+
+    def _swap_for_pool(self, node: fx.Node, source: fx.Node, pool: nn.Module) -> fx.Node:
+        """Put ``pool`` applied to ``source`` where ``node`` was; returns the new node."""
+        name = f"dense_pool_{node.name}"
+        self.gm.add_submodule(name, pool)
+        with self.gm.graph.inserting_after(node):
+            new = self.gm.graph.call_module(name, (source,))
+        node.replace_all_uses_with(new)
+        self.gm.graph.erase_node(node)
+        return new
 
     def _replace_flatten(self, node: fx.Node, dilated_inputs: list[fx.Node]) -> None:
         source = node.args[0]
@@ -436,12 +441,7 @@ class _Rewriter:
         assert isinstance(source, fx.Node)
         before = _shape(source)
         pool_module = _fixed_pool("avg", before[2:], self.ndim)
-        name = f"dense_pool_{node.name}"
-        self.gm.add_submodule(name, pool_module)
-        with self.gm.graph.inserting_after(node):
-            new = self.gm.graph.call_module(name, (source,))
-        node.replace_all_uses_with(new)
-        self.gm.graph.erase_node(node)
+        new = self._swap_for_pool(node, source, pool_module)
         ones = (1,) * self.ndim
         self.flat[new] = _Flat(channels=before[1], kernel=ones, dilation=ones)
         self.result.converted.append(
