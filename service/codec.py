@@ -152,7 +152,7 @@ def _from_typed(
             f"input '{tensor.name}': {field_name} holds {len(values)} values; shape "
             f"{list(tensor.shape)} needs {count}"
         )
-    array = _packed(tensor.contents, field_name, count, dtype)
+    array = _packed(tensor.contents, field_name, count)
     if array is None:
         # The values one by one, in C, into the field's own type (every value fits), not an
         # array of Python's widest type: half the time and memory for INT32, say.
@@ -179,15 +179,13 @@ _FIELD_TYPES: dict[str, np.dtype[Any]] = {
 }
 
 
-_FIXED_WIDTH: dict[str, np.dtype[Any]] = {
-    "fp32_contents": np.dtype("<f4"),
-    "fp64_contents": np.dtype("<f8"),
+# The fields whose packed wire form is the array itself: little-endian IEEE numbers.
+_FIXED_WIDTH = {
+    name: kind.newbyteorder("<") for name, kind in _FIELD_TYPES.items() if kind.kind == "f"
 }
 
 
-def _packed(
-    contents: pb.InferTensorContents, field_name: str, count: int, dtype: np.dtype
-) -> np.ndarray | None:
+def _packed(contents: pb.InferTensorContents, field_name: str, count: int) -> np.ndarray | None:
     """FP32 or FP64 values read as one block off the wire, or None where that does not apply.
 
     A proto3 repeated float or double is packed: on the wire, a tag, a length and the values
@@ -213,8 +211,7 @@ def _packed(
             break
     if length != count * wire_dtype.itemsize or len(wire) - offset != length:
         return None
-    array: np.ndarray = np.frombuffer(wire, wire_dtype, count, offset)
-    return array.astype(dtype, copy=False)
+    return np.frombuffer(wire, wire_dtype, count, offset)
 
 
 def decode_request(request: pb.ModelInferRequest, max_elements: int) -> InferenceRequest:

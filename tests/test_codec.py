@@ -38,7 +38,7 @@ for datatype, values in cases.items():
         decoded.dtype == dtype and decoded.shape == expected.shape
         and decoded.tobytes() == expected.tobytes()
     )
-    packed[datatype] = codec._packed(tensor.contents, field, len(values), dtype) is not None
+    packed[datatype] = codec._packed(tensor.contents, field, len(values)) is not None
 
 refused = {}
 for datatype, value in (("INT8", 128), ("INT16", -40000), ("UINT8", 256), ("UINT16", 70000)):
