@@ -150,7 +150,9 @@ def _print_report(report: ExportReport) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .model_entry import ExportSpec, Preprocess, export_entry, parse_input_shape
+    from model_format import Preprocess
+
+    from .model_entry import ExportSpec, export_entry, parse_input_shape
     from .source import load_model, sha256_of
 
     shape = parse_input_shape(args.input_shape)

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model_entry import ExportReport, ExportSpec, Preprocess, export_entry
+from model_format import Preprocess
+
+from .model_entry import ExportReport, ExportSpec, export_entry
 
 __all__ = ["DigitsNet", "TrainedDigits", "digits_split", "make_demo", "train_digits"]
 

@@ -1,9 +1,8 @@
 """Check the dense map against crop-by-crop evaluation of the classifier, in ONNX Runtime.
 
 Both exported files are run as they will be served: ``model.onnx`` on every crop, one batch at a
-time, and ``model.dense.onnx`` once on the whole input. Cell ``i`` along an axis stands for the
-crop starting at ``offset + i * stride``; an input ``W`` wide has ``(W - window) // stride + 1``
-cells along it.
+time, and ``model.dense.onnx`` once on the whole input. The cell arithmetic is
+:func:`model_format.cell_counts`.
 """
 
 from __future__ import annotations
@@ -15,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .onnx_export import INPUT_NAME, ort_session
+from model_format import INPUT_NAME, cell_counts
 
-__all__ = ["DenseCheck", "cell_counts", "check_dense", "crop_by_crop", "dense_map"]
+from .onnx_export import ort_session
+
+__all__ = ["DenseCheck", "check_dense", "crop_by_crop", "dense_map"]
 
 _CROP_BATCH = 16
 
@@ -39,13 +40,6 @@ class DenseCheck:
     max_abs_dev: float
     top1_agreement: float
     max_abs_score: float
-
-
-def cell_counts(
-    size: Sequence[int], window: Sequence[int], stride: Sequence[int]
-) -> tuple[int, ...]:
-    """Cells per axis of the dense map for a spatial input ``size``."""
-    return tuple((s - w) // st + 1 for s, w, st in zip(size, window, stride, strict=True))
 
 
 def dense_map(

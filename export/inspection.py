@@ -7,11 +7,12 @@ the graph, attributed to the first layer that reads it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
+
+from model_format import DENSE, INPUT, read_documents
 
 from .errors import ExportError
 from .geometry import GraphGeometry, analyse
@@ -22,23 +23,12 @@ BATCH_SIZES = (1, 8, 32, 128)
 _BYTES = {"fp32": 4, "fp16": 2}
 
 
-def _metadata(model: onnx.ModelProto) -> dict[str, object]:
-    entries: dict[str, object] = {}
-    for prop in model.metadata_props:
-        if prop.key.startswith("convserve."):
-            try:
-                entries[prop.key] = json.loads(prop.value)
-            except json.JSONDecodeError:
-                entries[prop.key] = prop.value
-    return entries
-
-
 def _input_shape(
     model: onnx.ModelProto, metadata: dict[str, object], override: tuple[int, ...] | None
 ) -> tuple[int, ...]:
     if override is not None:
         return (1, *override)
-    described = metadata.get("convserve.input")
+    described = metadata.get(INPUT)
     if isinstance(described, dict):
         return (1, int(described["channels"]), *(int(w) for w in described["window"]))
     initializers = {t.name for t in model.graph.initializer}
@@ -67,7 +57,7 @@ def inspect_file(
         model = onnx.load(str(path))
     except Exception as exc:
         raise ExportError(f"'{path}' is not a readable ONNX model ({exc})") from exc
-    metadata = _metadata(model)
+    metadata = read_documents({p.key: p.value for p in model.metadata_props})
     try:
         found = analyse(model, _input_shape(model, metadata, input_shape))
     except (ValueError, StopIteration, onnx.shape_inference.InferenceError) as exc:
@@ -106,7 +96,7 @@ def render(
             f"{batch:>6} {_mb(params + batch * acts, 'fp32'):>26} "
             f"{_mb(params + batch * acts, 'fp16'):>26}"
         )
-    dense = metadata.get("convserve.dense")
+    dense = metadata.get(DENSE)
     lines.append("")
     if isinstance(dense, dict):
         kind = "exact" if dense.get("exact") else "approximate"
@@ -119,7 +109,7 @@ def render(
     else:
         lines.append(
             f"sliding geometry of this graph: stride {list(found.stride)}, receptive "
-            f"field {found.receptive_field} (no convserve.dense metadata)"
+            f"field {found.receptive_field} (no {DENSE} metadata)"
         )
     if found.uneven:
         lines.append("layers whose geometry does not divide evenly:")

@@ -2,7 +2,7 @@
 
 ``<repository>/<name>/<version>/model.onnx`` (dynamic batch axis) and, unless asked not to,
 ``model.dense.onnx`` (dynamic batch and spatial axes), each carrying the metadata that makes it
-servable on its own (the ``convserve.*`` keys of DESIGN.md section 3).
+servable on its own (the ``convserve.*`` documents of :mod:`model_format`).
 """
 
 from __future__ import annotations
@@ -11,13 +11,22 @@ import datetime as dt
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
+
+from model_format import (
+    DENSE_FILE,
+    MODEL_FILE,
+    DenseGeometry,
+    ModelInfo,
+    Preprocess,
+    metadata_documents,
+)
 
 from . import geometry
 from .dense_check import DenseCheck, check_dense
@@ -26,52 +35,18 @@ from .fc_to_conv import to_dense
 from .onnx_export import IR_VERSION, OPSET, max_abs_diff, write_metadata, write_onnx
 
 __all__ = [
-    "DenseGeometry",
     "ExportReport",
     "ExportSpec",
-    "Preprocess",
     "export_entry",
     "next_version",
     "parse_input_shape",
 ]
 
-MODEL_FILE = "model.onnx"
-DENSE_FILE = "model.dense.onnx"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Above this, rounding cannot explain a difference between a dense cell and its crop.
 DENSE_EXACT_TOLERANCE = 1e-4
 
 Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How a client's image becomes the network's input: ``(pixel * scale - mean) / std``.
-
-    Attributes:
-        color: ``RGB`` or ``L`` (grayscale).
-        scale: multiplies 8-bit pixel values first (1/255 maps them to [0, 1]).
-        mean: per-channel value subtracted after scaling.
-        std: per-channel divisor applied last.
-    """
-
-    color: str
-    scale: float
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if self.color not in ("RGB", "L"):
-            raise ExportError(f"--color must be RGB or L, got '{self.color}'")
-        if len(self.mean) != len(self.std):
-            raise ExportError(f"--mean has {len(self.mean)} values but --std {len(self.std)}")
-        if any(s == 0 for s in self.std):
-            raise ExportError("--std values must not be zero")
-
-    @classmethod
-    def default_for(cls, channels: int) -> Preprocess:
-        """Scale to [0, 1], no normalisation, color mode from the channel count."""
-        return cls("RGB" if channels == 3 else "L", 1 / 255, (0.0,) * channels, (1.0,) * channels)
 
 
 @dataclass(frozen=True)
@@ -114,36 +89,23 @@ class ExportSpec:
             raise ExportError(
                 f"input shape {list(self.input_shape)} must be CxHxW or CxL, all positive"
             )
-        channels = self.input_shape[0]
-        if self.preprocess is not None and len(self.preprocess.mean) != channels:
-            raise ExportError(
-                f"--mean/--std have {len(self.preprocess.mean)} values but the input has "
-                f"{channels} channels"
-            )
+        if self.preprocess is not None:
+            _check_preprocess(self.preprocess, channels=self.input_shape[0])
 
 
-@dataclass(frozen=True)
-class DenseGeometry:
-    """Where each cell of the dense map looks in the input (DESIGN.md section 2).
-
-    Attributes:
-        stride: input pixels between neighbouring cells, per axis.
-        window: the crop one cell stands for (the classifier's input size).
-        offset: where cell 0's window starts.
-        receptive_field: input pixels that can influence one cell (None when a global pooling
-            inside the network lets every pixel influence every cell).
-        exact: every cell equals the classifier on its crop (padding-free networks).
-        max_abs_dev: measured largest difference between a cell and its crop's scores.
-        top1_agreement: measured fraction of cells whose best class matches their crop's.
-    """
-
-    stride: tuple[int, ...]
-    window: tuple[int, ...]
-    offset: tuple[int, ...]
-    receptive_field: tuple[int, ...] | None
-    exact: bool
-    max_abs_dev: float
-    top1_agreement: float
+def _check_preprocess(preprocess: Preprocess, channels: int) -> None:
+    if preprocess.color not in ("RGB", "L"):
+        raise ExportError(f"--color must be RGB or L, got '{preprocess.color}'")
+    if len(preprocess.mean) != len(preprocess.std):
+        raise ExportError(
+            f"--mean has {len(preprocess.mean)} values but --std {len(preprocess.std)}"
+        )
+    if any(s == 0 for s in preprocess.std):
+        raise ExportError("--std values must not be zero")
+    if len(preprocess.mean) != channels:
+        raise ExportError(
+            f"--mean/--std have {len(preprocess.mean)} values but the input has {channels} channels"
+        )
 
 
 @dataclass
@@ -257,38 +219,26 @@ def _write_dense(
 
 def _metadata(spec: ExportSpec, report: ExportReport, labels: Sequence[str]) -> dict[str, object]:
     channels, window = spec.input_shape[0], spec.input_shape[1:]
-    preprocess = spec.preprocess or Preprocess.default_for(channels)
-    entries: dict[str, object] = {
-        "convserve.labels": list(labels),
-        "convserve.input": {
-            "layout": "NCHW" if len(window) == 2 else "NCL",
-            "channels": channels,
-            "window": list(window),
-        },
-        "convserve.preprocess": {
-            "color": preprocess.color,
-            "scale": preprocess.scale,
-            "mean": list(preprocess.mean),
-            "std": list(preprocess.std),
-        },
-        "convserve.source": {
-            "model": spec.source,
-            "weights_sha256": spec.weights_sha256,
-            "torch": torch.__version__,
-            "opset": OPSET,
-            "ir_version": IR_VERSION,
-            "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "parity_max_abs_diff": report.parity_max_abs_diff,
-            "dense_parity_max_abs_diff": report.dense_parity_max_abs_diff,
-            "uneven_layers": report.uneven,
-        },
+    info = ModelInfo(
+        labels=tuple(labels),
+        layout="NCHW" if len(window) == 2 else "NCL",
+        channels=channels,
+        window=tuple(window),
+        preprocess=spec.preprocess or Preprocess.default_for(channels),
+        dense=report.geometry,
+    )
+    source = {
+        "model": spec.source,
+        "weights_sha256": spec.weights_sha256,
+        "torch": torch.__version__,
+        "opset": OPSET,
+        "ir_version": IR_VERSION,
+        "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "parity_max_abs_diff": report.parity_max_abs_diff,
+        "dense_parity_max_abs_diff": report.dense_parity_max_abs_diff,
+        "uneven_layers": report.uneven,
     }
-    if report.geometry is not None:
-        entries["convserve.dense"] = {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in asdict(report.geometry).items()
-        }
-    return entries
+    return metadata_documents(info, source)
 
 
 def export_entry(

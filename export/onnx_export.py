@@ -17,11 +17,11 @@ import onnx
 import torch
 from torch import nn
 
+from model_format import INPUT_NAME, OUTPUT_NAME
+
 __all__ = [
-    "INPUT_NAME",
     "IR_VERSION",
     "OPSET",
-    "OUTPUT_NAME",
     "max_abs_diff",
     "ort_session",
     "write_metadata",
@@ -30,8 +30,6 @@ __all__ = [
 
 OPSET = 17
 IR_VERSION = 8
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 
 
 def write_onnx(

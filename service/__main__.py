@@ -10,11 +10,11 @@ from collections.abc import Sequence
 
 from export.cli import add_commands as add_export_commands
 from export.errors import ExportError
-
-from . import BUNDLED_REPOSITORY, settings
-from .bench import add_commands as add_bench_commands
-from .client import ClientError
-from .client import add_commands as add_client_commands
+from service import BUNDLED_REPOSITORY
+from service.core import settings
+from service.tools.bench import add_commands as add_bench_commands
+from service.tools.client import ClientError
+from service.tools.client import add_commands as add_client_commands
 
 __all__ = ["build_parser", "main"]
 
@@ -40,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from . import event_loop
-    from .logs import configure_logging
-    from .server import run_server
-    from .workers import supervise, worker_role
+    from service.app.server import run_server
+    from service.app.workers import supervise, worker_role
+    from service.core import event_loop
+    from service.core.logs import configure_logging
 
     try:
         chosen = settings.from_arguments(args)

@@ -10,7 +10,7 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from service import BUNDLED_REPOSITORY
-from service.server_process import ServerProcess
+from service.tools.server_process import ServerProcess
 
 MAX_MESSAGE = 1 << 20
 MAX_ELEMENTS = 100_000

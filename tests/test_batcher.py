@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.batcher import LONE_WINDOWS, PROBE_EVERY, REMEASURE_EVERY, BatchQueue
-from service.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
+from service.core.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
+from service.engine.batcher import LONE_WINDOWS, PROBE_EVERY, REMEASURE_EVERY, BatchQueue
 
 
 class Recorder:
@@ -351,7 +351,7 @@ def test_every_request_gets_exactly_its_own_rows(sizes: list[int], instances: in
 
 
 def test_cuda_batch_buckets() -> None:
-    from service.repository import _warm_up_sizes
+    from service.engine.repository import _warm_up_sizes
 
     assert _warm_up_sizes(32, (), buckets=False) == [1, 32]
     assert _warm_up_sizes(32, (12,), buckets=True) == [1, 2, 4, 8, 12, 16, 32]

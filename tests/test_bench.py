@@ -106,8 +106,8 @@ import numpy as np
 
 from service import BUNDLED_REPOSITORY
 from service._generated.inference import grpc_service_pb2 as pb
-from service.bench import KSERVE_METHOD, STREAM_METHOD, served_benchmark
-from service.server_process import ServerProcess
+from service.tools.bench import KSERVE_METHOD, STREAM_METHOD, served_benchmark
+from service.tools.server_process import ServerProcess
 
 
 def payload(shape):
@@ -118,8 +118,8 @@ def payload(shape):
 
 
 rows = []
-module = ("service", "serve") if sys.argv[2] == "serve" else ("service.grpc_floor",)
-# "stream": ModelStreamInfer, asked of h2load, which the bench replaces with service.loadgen
+module = ("service", "serve") if sys.argv[2] == "serve" else ("service.tools.grpc_floor",)
+# "stream": ModelStreamInfer, asked of h2load, which the bench replaces with service.tools.loadgen
 method = STREAM_METHOD if sys.argv[1] == "stream" else KSERVE_METHOD
 generator = "python" if sys.argv[1] == "python" else "h2load"
 with ServerProcess(BUNDLED_REPOSITORY, module=module) as server:
@@ -178,8 +178,8 @@ import numpy as np
 
 from service import BUNDLED_REPOSITORY
 from service._generated.inference import grpc_service_pb2 as pb
-from service.bench import KSERVE_METHOD, STREAM_METHOD
-from service.server_process import ServerProcess
+from service.tools.bench import KSERVE_METHOD, STREAM_METHOD
+from service.tools.server_process import ServerProcess
 
 request = pb.ModelInferRequest(model_name="digits")
 request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
@@ -189,7 +189,7 @@ with tempfile.TemporaryDirectory() as folder, ServerProcess(BUNDLED_REPOSITORY) 
     payload = Path(folder, "request")
     payload.write_bytes(request.SerializeToString())
     load = subprocess.Popen(
-        [sys.executable, "-m", "service.loadgen", "--address", server.grpc_address,
+        [sys.executable, "-m", "service.tools.loadgen", "--address", server.grpc_address,
          "--method", STREAM_METHOD if stream else KSERVE_METHOD, "--payload", str(payload),
          "--concurrency", "4", "--duration", "3", "--warmup", "0.2"]
         + (["--stream"] if stream else []),

@@ -26,7 +26,7 @@ from export.model_entry import ExportSpec, export_entry
 from service import BUNDLED_REPOSITORY
 from service._generated.convserve.v1 import classifier_pb2 as pb
 from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
-from service.server_process import ServerProcess
+from service.tools.server_process import ServerProcess
 from tests.apart import run_apart
 
 
@@ -643,12 +643,12 @@ import numpy as np
 from PIL import Image
 
 from service import BUNDLED_REPOSITORY
-from service.classification import INLINE_PIXELS, Classification, ImageInput
-from service.errors import InvalidArgument
-from service.inference import DataPlane, Outcome
-from service.repository import ModelRepository
-from service.runtime import DeviceChoice
-from service.settings import Settings
+from service.classification.classifier import INLINE_PIXELS, Classification, ImageInput
+from service.core.errors import InvalidArgument
+from service.engine.dataplane import DataPlane, Outcome
+from service.engine.repository import ModelRepository
+from service.engine.runtime import DeviceChoice
+from service.core.settings import Settings
 
 
 class CountingExecutor(ThreadPoolExecutor):  # a real thread pool that counts its work

@@ -8,9 +8,9 @@ from tests.apart import run_apart
 TYPED = r"""
 import json, math
 import numpy as np
-from service import codec
+from service.wire import codec
 from service._generated.inference import grpc_service_pb2 as pb
-from service.errors import InvalidArgument
+from service.core.errors import InvalidArgument
 
 cases = {
     "FP32": [0.0, -0.0, 1.5, -3.25e-39, 3.4e38, math.inf, -math.inf, math.nan],

@@ -16,8 +16,8 @@ import jsonschema
 import pytest
 import yaml
 
-from service.health import OVERALL
-from service.settings import ENV_PREFIX, Settings, parse_value
+from service.core.settings import ENV_PREFIX, Settings, parse_value
+from service.wire.health import OVERALL
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from service import BUNDLED_REPOSITORY
-from service.runtime import DeviceChoice, Runtime
+from service.engine.runtime import DeviceChoice, Runtime
 
 pytestmark = pytest.mark.gpu
 
@@ -54,7 +54,7 @@ def test_cuda_runtime_matches_cpu(filename: str, shape: tuple[int, ...], device:
 
 def test_server_on_cuda(tmp_path: Path) -> None:
     tritonclient = pytest.importorskip("tritonclient.grpc")
-    from service.server_process import ServerProcess
+    from service.tools.server_process import ServerProcess
 
     x = np.random.default_rng(1).standard_normal((4, 1, 8, 8)).astype(np.float32)
     cpu = ort.InferenceSession(str(DIGITS / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -75,7 +75,7 @@ def test_server_on_cuda(tmp_path: Path) -> None:
 
 def test_gpu_gauges_with_nvml() -> None:
     pytest.importorskip("pynvml")
-    from service.server_process import ServerProcess
+    from service.tools.server_process import ServerProcess
 
     with ServerProcess(BUNDLED_REPOSITORY, "--device", "cuda") as server:
         text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()

@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from service import BUNDLED_REPOSITORY
-from service.server_process import ServerProcess
+from service.tools.server_process import ServerProcess
 from tests import onnx_models
 
 WEIGHT = np.arange(12, dtype=np.float32).reshape(4, 3) / 10

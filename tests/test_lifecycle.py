@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from service import BUNDLED_REPOSITORY
-from service.server_process import ServerProcess
+from service.tools.server_process import ServerProcess
 from tests import onnx_models
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -332,7 +332,7 @@ def test_event_loop_choice_serves_logs_and_drains(choice: str, logged: str) -> N
 
 
 def test_event_loop_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service import event_loop
+    from service.core import event_loop
 
     assert event_loop.loop_factory("auto") is not None  # a dependency, so installed here
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now fails

@@ -25,8 +25,8 @@ from tritonclient.utils import InferenceServerException
 from service import BUNDLED_REPOSITORY
 from service._generated.convserve.v1 import classifier_pb2 as pb
 from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
-from service.metrics import GPU_METRICS, WORKER_METRICS
-from service.server_process import ServerProcess
+from service.engine.metrics import GPU_METRICS, WORKER_METRICS
+from service.tools.server_process import ServerProcess
 from tests import onnx_models
 
 ROOT = Path(__file__).resolve().parents[1]

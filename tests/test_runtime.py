@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service import BUNDLED_REPOSITORY
-from service.runtime import DeviceChoice, Runtime, _cgroup_quota, available_cores
+from service.engine.runtime import DeviceChoice, Runtime, _cgroup_quota, available_cores
 
 MODEL = BUNDLED_REPOSITORY / "digits" / "1" / "model.onnx"
 
@@ -53,7 +53,7 @@ def test_explicit_cuda_without_a_gpu_fails_loudly(monkeypatch) -> None:
 def test_a_tiny_model_takes_one_thread_only_when_that_costs_less_cpu(
     monkeypatch: pytest.MonkeyPatch, single_wall: float, single_cpu: float, switched: bool
 ) -> None:
-    import service.runtime as runtime_module
+    import service.engine.runtime as runtime_module
 
     runtime = Runtime(MODEL, DeviceChoice("cpu"), 2, cpu_threads=2, dynamic_shapes=False)
     x = np.random.default_rng(1).standard_normal((4, 1, 8, 8)).astype(np.float32)
@@ -79,8 +79,8 @@ def test_a_tiny_model_takes_one_thread_only_when_that_costs_less_cpu(
 async def test_the_operators_thread_count_is_kept_and_real_models_keep_theirs() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from service.repository import ModelRepository
-    from service.settings import Settings
+    from service.core.settings import Settings
+    from service.engine.repository import ModelRepository
 
     async def health(name: str, serving: bool) -> None:
         return None

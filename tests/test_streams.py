@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from service.streams import completion_order
+from service.wire.streams import completion_order
 
 
 async def numbers(

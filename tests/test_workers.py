@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from service import BUNDLED_REPOSITORY
-from service.server_process import ServerProcess
+from service.tools.server_process import ServerProcess
 
 MODEL = BUNDLED_REPOSITORY / "digits" / "1" / "model.onnx"
 CONNECTIONS = 16
@@ -141,7 +141,7 @@ def test_model_control_reaches_every_worker(workers: ServerProcess) -> None:
     start = len(workers.log())
     client.unload_model("digits")  # one connection, one worker: it repeats the call to the other
     logged_after(
-        workers, start, *(f"worker-{i} service.repository: unloaded digits" for i in (0, 1))
+        workers, start, *(f"worker-{i} service.engine.repository: unloaded digits" for i in (0, 1))
     )
     for _ in range(CONNECTIONS):  # whichever worker a connection reaches
         other = own_connection(workers.grpc_address)
@@ -155,7 +155,7 @@ def test_model_control_reaches_every_worker(workers: ServerProcess) -> None:
     start = len(workers.log())
     client.load_model("digits")
     logged_after(
-        workers, start, *(f"worker-{i} service.repository: loaded digits v1" for i in (0, 1))
+        workers, start, *(f"worker-{i} service.engine.repository: loaded digits v1" for i in (0, 1))
     )
     assert scrape(workers.metrics_url)[ready] == 1
     x = np.zeros((1, 1, 8, 8), np.float32)
@@ -227,7 +227,7 @@ def test_sigterm_drains_every_worker_and_exits_zero() -> None:
     assert not any(alive(p) for p in pids)
     assert server.log().count("draining: finishing in-flight requests") == 2
     for index in (0, 1):  # every worker's lines say which worker wrote them
-        assert f"INFO worker-{index} service.server: draining" in server.log()
+        assert f"INFO worker-{index} service.app.server: draining" in server.log()
 
 
 def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None:
@@ -251,8 +251,8 @@ import grpc
 
 from service._generated.inference import grpc_service_pb2 as pb
 from service._generated.inference import grpc_service_pb2_grpc as pb_grpc
-from service.errors import SiblingFailed, Unavailable
-from service.siblings import Siblings, socket_path
+from service.core.errors import SiblingFailed, Unavailable
+from service.wire.siblings import Siblings, socket_path
 
 
 class Refusing(pb_grpc.GRPCInferenceServiceServicer):

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import grpc
 
-from ._generated.inference import grpc_service_pb2 as pb
-from ._generated.inference import grpc_service_pb2_grpc as pb_grpc
-from .errors import SiblingFailed, Unavailable
+from service._generated.inference import grpc_service_pb2 as pb
+from service._generated.inference import grpc_service_pb2_grpc as pb_grpc
+from service.core.errors import SiblingFailed, Unavailable
 
 __all__ = ["LOCAL_ONLY", "Siblings", "socket_path", "wants_local_only"]
 

@@ -22,6 +22,8 @@ import onnxruntime as ort
 
 __all__ = ["DeviceChoice", "Runtime", "TensorSpec", "available_cores"]
 
+from service.core.types import NUMPY_TYPES
+
 log = logging.getLogger(__name__)
 
 # ONNX Runtime's element types to the KServe v2 datatype names, and on to numpy.
@@ -38,20 +40,6 @@ DATATYPES = {
     "tensor(uint64)": "UINT64",
     "tensor(int64)": "INT64",
     "tensor(bool)": "BOOL",
-}
-NUMPY_TYPES: dict[str, np.dtype[Any]] = {
-    "FP32": np.dtype(np.float32),
-    "FP16": np.dtype(np.float16),
-    "FP64": np.dtype(np.float64),
-    "UINT8": np.dtype(np.uint8),
-    "INT8": np.dtype(np.int8),
-    "UINT16": np.dtype(np.uint16),
-    "INT16": np.dtype(np.int16),
-    "UINT32": np.dtype(np.uint32),
-    "INT32": np.dtype(np.int32),
-    "UINT64": np.dtype(np.uint64),
-    "INT64": np.dtype(np.int64),
-    "BOOL": np.dtype(np.bool_),
 }
 
 

@@ -26,7 +26,7 @@ class ServerProcess:
         module: tuple[str, ...] = ("service", "serve"),
     ) -> None:
         # ``module``: what ``python -m`` runs; anything that takes these flags and logs the same
-        # listening and ready lines (``service.grpc_floor`` for the benchmark).
+        # listening and ready lines (``service.tools.grpc_floor`` for the benchmark).
         self.command = [
             sys.executable,
             "-m",

@@ -1,7 +1,7 @@
 """``inference.GRPCInferenceService``: KServe v2 over gRPC, translating only.
 
 Each RPC turns its message into a domain call and the result back into a message; errors become
-statuses in :mod:`service.rpc`.
+statuses in :mod:`service.wire.rpc`.
 """
 
 from __future__ import annotations
@@ -12,22 +12,22 @@ from typing import TypeAlias
 
 import grpc
 
-from . import __version__
-from ._generated.inference import grpc_service_pb2 as pb
-from ._generated.inference import grpc_service_pb2_grpc as pb_grpc
-from .codec import decode_request, encode_response
-from .errors import InvalidArgument, ModelNotFound, ServingError
-from .inference import DataPlane, Outcome
-from .kserve_messages import (
+from service import __version__
+from service._generated.inference import grpc_service_pb2 as pb
+from service._generated.inference import grpc_service_pb2_grpc as pb_grpc
+from service.core.errors import InvalidArgument, ModelNotFound, ServingError
+from service.engine.dataplane import DataPlane, Outcome
+from service.wire.codec import decode_request, encode_response
+from service.wire.kserve_messages import (
     merge_statistics,
     model_config,
     model_metadata,
     model_statistics,
     repository_index,
 )
-from .rpc import Undecodable, counted, deadline_of, inference_rpc, rpc
-from .siblings import Siblings, wants_local_only
-from .streams import completion_order
+from service.wire.rpc import Undecodable, counted, deadline_of, inference_rpc, rpc
+from service.wire.siblings import Siblings, wants_local_only
+from service.wire.streams import completion_order
 
 __all__ = ["KServeServicer"]
 
@@ -197,7 +197,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         Each message counts as a KServe request in the metrics (api ``kserve``, as DESIGN's
         label values have it); at most ``STREAM_IN_FLIGHT`` are answered at once, and as many
-        answers wait unread (see :mod:`service.streams`).
+        answers wait unread (see :mod:`service.wire.streams`).
         """
 
         async def one(message: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:

@@ -18,24 +18,12 @@ import numpy as np
 
 __all__ = [
     "best_cells",
-    "cell_counts",
-    "cell_starts",
     "crops",
     "interleave",
     "pool",
     "shifted_copies",
     "softmax",
 ]
-
-
-def cell_counts(
-    size: Sequence[int], window: Sequence[int], stride: Sequence[int], divisor: int
-) -> tuple[int, ...]:
-    """Cells per axis; 0 along an axis where the input is smaller than the window."""
-    return tuple(
-        max(0, (s - w) * divisor // st + 1) if s >= w else 0
-        for s, w, st in zip(size, window, stride, strict=True)
-    )
 
 
 def _shifts(stride: Sequence[int], divisor: int) -> list[tuple[int, ...]]:
@@ -87,16 +75,6 @@ def crops(
         for position in itertools.product(*(range(c) for c in counts))
     ]
     return np.stack(windows)
-
-
-def cell_starts(
-    counts: Sequence[int], stride: Sequence[int], divisor: int, offset: Sequence[int], scale: float
-) -> list[list[int]]:
-    """Per axis, the original-image pixel where each cell's window starts."""
-    return [
-        [round((o + i * st / divisor) / scale) for i in range(c)]
-        for c, st, o in zip(counts, stride, offset, strict=True)
-    ]
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:

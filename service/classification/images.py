@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InvalidArgument, ResourceExhausted
-from .model_info import Preprocess
+from model_format import Preprocess
+from service.core.errors import InvalidArgument, ResourceExhausted
 
 __all__ = ["ImageLimits", "decode", "load", "open_image", "to_tensor"]
 

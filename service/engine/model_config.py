@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .settings import Settings
+from service.core.settings import Settings
 
 __all__ = ["BatchingPolicy", "ConfigError", "ModelConfig", "VersionPolicy", "load_model_config"]
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ._generated.inference import grpc_service_pb2 as pb
-from .errors import InvalidArgument, ResourceExhausted
-from .runtime import NUMPY_TYPES
+from service._generated.inference import grpc_service_pb2 as pb
+from service.core.errors import InvalidArgument, ResourceExhausted
+from service.core.types import NUMPY_TYPES, InferenceRequest, RequestedOutput
 
-__all__ = ["InferenceRequest", "RequestedOutput", "decode_request", "encode_response"]
+__all__ = ["decode_request", "encode_response"]
 
 # Which typed-contents field carries each datatype (FP16 and BF16 travel only as raw bytes).
 _TYPED_FIELD = {
@@ -35,26 +34,6 @@ _TYPED_FIELD = {
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
 }
-
-
-@dataclass(frozen=True)
-class RequestedOutput:
-    """An output the client asked for; ``classification`` > 0 asks for Triton's top-k strings."""
-
-    name: str
-    classification: int = 0
-
-
-@dataclass
-class InferenceRequest:
-    """A decoded request, the same for every API behind the servicers."""
-
-    model_name: str
-    model_version: str
-    id: str
-    inputs: dict[str, np.ndarray]
-    outputs: list[RequestedOutput] = field(default_factory=list)
-    timeout_us: int = 0
 
 
 def _parameter(params: object, key: str) -> object:

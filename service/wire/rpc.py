@@ -13,9 +13,9 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
-from . import metrics
-from .errors import InvalidArgument, ServingError
-from .inference import Outcome
+from service.core.errors import InvalidArgument, ServingError
+from service.engine import metrics
+from service.engine.dataplane import Outcome
 
 __all__ = ["Undecodable", "counted", "deadline_of", "inference_rpc", "register", "rpc"]
 

@@ -18,13 +18,14 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from . import dense, images, metrics
-from .codec import InferenceRequest
-from .errors import InvalidArgument, ModelNotFound, ResourceExhausted
-from .inference import DataPlane, Outcome
-from .model_info import DenseInfo, ModelInfo
-from .repository import DENSE_SUFFIX, ServedModel
-from .settings import Settings
+from model_format import DenseGeometry, ModelInfo, cell_counts, cell_starts
+from service.classification import dense, images
+from service.core.errors import InvalidArgument, ModelNotFound, ResourceExhausted
+from service.core.settings import Settings
+from service.core.types import InferenceRequest
+from service.engine import metrics
+from service.engine.dataplane import DataPlane, Outcome
+from service.engine.repository import DENSE_SUFFIX, ServedModel
 
 __all__ = ["Classification", "DenseQuery", "DenseResult", "ImageInput", "Labelled"]
 
@@ -79,7 +80,7 @@ class DenseResult:
     """What ClassifyDense answers."""
 
     model: ServedModel
-    geometry: DenseInfo
+    geometry: DenseGeometry
     stride: tuple[int, ...]
     top: list[Labelled]
     probabilities: np.ndarray | None
@@ -395,7 +396,7 @@ class Classification:
             raise InvalidArgument("pool must be mean or max, and mode dense or crops")
 
     def _plan(
-        self, geometry: DenseInfo, query: DenseQuery, size: tuple[int, ...], channels: int
+        self, geometry: DenseGeometry, query: DenseQuery, size: tuple[int, ...], channels: int
     ) -> list[tuple[float, tuple[int, ...], tuple[int, ...]]]:
         """Per scale: (scale, scaled size, cell counts), all limits checked before any work.
 
@@ -424,7 +425,7 @@ class Classification:
                     f"image {_size(scaled)} (at scale {scale:g}) is smaller than the model's "
                     f"window {_size(geometry.window)}"
                 )
-            counts = dense.cell_counts(scaled, geometry.window, geometry.stride, query.divisor)
+            counts = cell_counts(scaled, geometry.window, geometry.stride, query.divisor)
             cells = int(np.prod(counts))
             total += cells
             if query.mode == "crops":
@@ -523,7 +524,7 @@ class Classification:
         top = _top(pooled, query.top_k or DEFAULT_TOP_K, labels)
         stride = tuple(s // query.divisor for s in geometry.stride)
         first_scale, _size, first_counts = plan[0]
-        starts = dense.cell_starts(
+        starts = cell_starts(
             first_counts, geometry.stride, query.divisor, geometry.offset, first_scale
         )
         window = [round(w / first_scale) for w in geometry.window]
@@ -547,7 +548,7 @@ class Classification:
         self,
         classifier: ServedModel,
         twin: ServedModel | None,
-        geometry: DenseInfo,
+        geometry: DenseGeometry,
         query: DenseQuery,
         decoded: Image.Image | None,
         tensor: np.ndarray | None,
@@ -598,8 +599,8 @@ def _box(begin: Sequence[int], window: Sequence[int]) -> tuple[int, ...]:
     return (begin[0], begin[0] + window[0])
 
 
-def _exact(geometry: DenseInfo) -> DenseInfo:
-    return DenseInfo(
+def _exact(geometry: DenseGeometry) -> DenseGeometry:
+    return DenseGeometry(
         geometry.stride, geometry.window, geometry.offset, geometry.receptive_field, True, 0.0, 1.0
     )
 

@@ -8,14 +8,20 @@ from typing import Any, TypeAlias
 import grpc
 import numpy as np
 
-from ._generated.convserve.v1 import classifier_pb2 as pb
-from ._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
-from .classification import Classification, DenseQuery, DenseResult, ImageInput, Labelled
-from .codec import checked_frombuffer
-from .errors import InvalidArgument
-from .inference import Outcome
-from .model_info import DenseInfo
-from .rpc import deadline_of, inference_rpc, rpc
+from model_format import DenseGeometry
+from service._generated.convserve.v1 import classifier_pb2 as pb
+from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
+from service.classification.classifier import (
+    Classification,
+    DenseQuery,
+    DenseResult,
+    ImageInput,
+    Labelled,
+)
+from service.core.errors import InvalidArgument
+from service.engine.dataplane import Outcome
+from service.wire.codec import checked_frombuffer
+from service.wire.rpc import deadline_of, inference_rpc, rpc
 
 __all__ = ["ClassifierServicer"]
 
@@ -39,7 +45,7 @@ def _label(entry: Labelled) -> pb.Label:
     return pb.Label(label=entry.label, index=entry.index, probability=entry.probability)
 
 
-def _geometry(info: DenseInfo, stride: tuple[int, ...]) -> pb.Geometry:
+def _geometry(info: DenseGeometry, stride: tuple[int, ...]) -> pb.Geometry:
     return pb.Geometry(
         stride=list(stride),
         window=list(info.window),

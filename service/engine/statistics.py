@@ -10,7 +10,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from . import metrics
+from service.engine import metrics
 
 __all__ = ["BatchDurations", "Duration", "ModelStats"]
 

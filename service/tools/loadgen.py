@@ -1,4 +1,4 @@
-"""A gRPC load generator that runs in its own process: ``python -m service.loadgen``.
+"""A gRPC load generator that runs in its own process: ``python -m service.tools.loadgen``.
 
 Sends one pre-serialised request over and over from ``concurrency`` coroutines for a fixed time,
 spread over ``connections`` grpc.aio channels, each its own TCP connection (a server that runs
@@ -29,8 +29,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from . import event_loop
-from ._generated.inference import grpc_service_pb2 as pb
+from service._generated.inference import grpc_service_pb2 as pb
+from service.core import event_loop
 
 __all__ = ["main"]
 
@@ -194,7 +194,7 @@ async def _drive(
 
 def main() -> int:
     """Parse flags, drive the load, print the JSON summary."""
-    parser = argparse.ArgumentParser(prog="python -m service.loadgen")
+    parser = argparse.ArgumentParser(prog="python -m service.tools.loadgen")
     parser.add_argument("--address", required=True)
     parser.add_argument("--method", required=True, help="/package.Service/Method")
     parser.add_argument("--payload", type=Path, required=True, help="serialised request")

@@ -48,7 +48,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
+from service.core.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
 
 __all__ = [
     "LONE_WINDOWS",

@@ -18,23 +18,23 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ._generated.convserve.v1 import classifier_pb2 as classifier_pb
-from ._generated.convserve.v1 import classifier_pb2_grpc as classifier_grpc
-from ._generated.inference import grpc_service_pb2 as kserve_pb
-from ._generated.inference import grpc_service_pb2_grpc as kserve_grpc
-from .classification import Classification
-from .classifier_servicer import ClassifierServicer
-from .event_loop import describe
-from .health import Health
-from .inference import DataPlane
-from .kserve_servicer import KServeServicer
-from .metrics import register_gpu_metrics, serve_metrics
-from .repository import ModelRepository
-from .rpc import register
-from .runtime import DeviceChoice, available_cores
-from .settings import Settings
-from .siblings import Siblings, socket_path
-from .workers import WorkerRole
+from service._generated.convserve.v1 import classifier_pb2 as classifier_pb
+from service._generated.convserve.v1 import classifier_pb2_grpc as classifier_grpc
+from service._generated.inference import grpc_service_pb2 as kserve_pb
+from service._generated.inference import grpc_service_pb2_grpc as kserve_grpc
+from service.app.workers import WorkerRole
+from service.classification.classifier import Classification
+from service.core.event_loop import describe
+from service.core.settings import Settings
+from service.engine.dataplane import DataPlane
+from service.engine.metrics import register_gpu_metrics, serve_metrics
+from service.engine.repository import ModelRepository
+from service.engine.runtime import DeviceChoice, available_cores
+from service.wire.classifier_servicer import ClassifierServicer
+from service.wire.health import Health
+from service.wire.kserve_servicer import KServeServicer
+from service.wire.rpc import register
+from service.wire.siblings import Siblings, socket_path
 
 __all__ = ["run_server"]
 
@@ -68,7 +68,7 @@ async def _watch_supervisor(role: WorkerRole, stop: asyncio.Event) -> None:
 def _listen(server: grpc.aio.Server, settings: Settings, role: WorkerRole | None) -> int:
     """Bind the gRPC port, and a worker's own socket; the port, or 0 (logged) on failure.
 
-    The socket is where the other workers reach this one (see :mod:`service.siblings`); a
+    The socket is where the other workers reach this one (see :mod:`service.wire.siblings`); a
     restarted worker finds its predecessor's socket file there.
     """
     port = int(server.add_insecure_port(f"{settings.host}:{settings.grpc_port}"))

@@ -16,7 +16,7 @@ started) starts N ordinary ``convserve serve`` processes that each bind the gRPC
 * on SIGTERM or SIGINT passes SIGTERM on, so every worker drains as a single server does, and
   exits 0 once they all have.
 
-The workers answer as one server (:mod:`service.siblings`; each worker also keeps a Unix socket
+The workers answer as one server (:mod:`service.wire.siblings`; each worker also keeps a Unix socket
 in the supervisor's folder): ModelStatistics adds up every worker's figures, a model load or
 unload is repeated on every worker, and a replacement worker loads the models its siblings serve
 now rather than every model on disk.
@@ -40,8 +40,13 @@ from types import FrameType
 
 from prometheus_client import multiprocess
 
-from .metrics import WorkerCounts, multiprocess_registry, register_gpu_metrics, serve_metrics
-from .settings import Settings
+from service.core.settings import Settings
+from service.engine.metrics import (
+    WorkerCounts,
+    multiprocess_registry,
+    register_gpu_metrics,
+    serve_metrics,
+)
 
 __all__ = ["READY_FILE_ENV", "WORKER_ENV", "WorkerRole", "supervise", "worker_role"]
 

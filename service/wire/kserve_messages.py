@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from ._generated.inference import grpc_service_pb2 as pb
-from .repository import ModelRepository, ServedModel
-from .statistics import Duration
+from model_format import DENSE_FILE, MODEL_FILE
+from service._generated.inference import grpc_service_pb2 as pb
+from service.engine.repository import ModelRepository, ServedModel
+from service.engine.statistics import Duration
 
 __all__ = [
     "merge_statistics",
@@ -41,7 +42,7 @@ def model_config(model: ServedModel) -> pb.ModelConfigResponse:
         platform=PLATFORM,
         backend="onnxruntime",
         max_batch_size=model.max_batch_size,
-        default_model_filename=("model.dense.onnx" if model.dense else "model.onnx"),
+        default_model_filename=(DENSE_FILE if model.dense else MODEL_FILE),
     )
     if model.max_batch_size > 0:
         config.dynamic_batching.CopyFrom(

@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from ._generated.convserve.v1 import classifier_pb2 as pb
-from ._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
+from service._generated.convserve.v1 import classifier_pb2 as pb
+from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
 
 __all__ = ["add_commands"]
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import metrics
-from .codec import InferenceRequest
-from .errors import DeadlineExceeded, ServingError, Unavailable
-from .metrics import UNKNOWN_MODEL
-from .repository import ModelRepository, ServedModel
-from .validation import check_request
+from service.core.errors import DeadlineExceeded, ServingError, Unavailable
+from service.core.types import InferenceRequest
+from service.engine import metrics
+from service.engine.metrics import UNKNOWN_MODEL
+from service.engine.repository import ModelRepository, ServedModel
+from service.engine.validation import check_request
 
 __all__ = ["DataPlane", "Outcome"]
 

@@ -28,21 +28,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
-from .batcher import BatchQueue
-from .errors import InvalidArgument, ModelLoadFailed, ModelNotFound, ServingError
-from .model_config import ModelConfig, load_model_config
-from .model_info import ModelInfo, read_model_info
-from .runtime import DeviceChoice, Runtime, TensorSpec
-from .settings import Settings
-from .statistics import ModelStats
+from model_format import CONFIG_FILE, DENSE_FILE, MODEL_FILE, ModelInfo, read_model_info
+from service.core.errors import InvalidArgument, ModelLoadFailed, ModelNotFound, ServingError
+from service.core.settings import Settings
+from service.engine import metrics
+from service.engine.batcher import BatchQueue
+from service.engine.model_config import ModelConfig, load_model_config
+from service.engine.runtime import DeviceChoice, Runtime, TensorSpec
+from service.engine.statistics import ModelStats
 
 __all__ = ["ModelRepository", "ServedModel"]
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
-DENSE_FILE = "model.dense.onnx"
 DENSE_SUFFIX = "_dense"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -241,7 +239,7 @@ class ModelRepository:
             if not serving:
                 self._state[logical] = ("LOADING", "")
             try:
-                config = load_model_config(folder / "config.json", self._settings)
+                config = load_model_config(folder / CONFIG_FILE, self._settings)
                 on_disk = [
                     int(p.name)
                     for p in folder.iterdir()

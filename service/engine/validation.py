@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
-from .codec import InferenceRequest
-from .errors import InvalidArgument
-from .repository import ServedModel
-from .runtime import NUMPY_TYPES
+from service.core.errors import InvalidArgument
+from service.core.types import NUMPY_TYPES, InferenceRequest
+from service.engine.repository import ServedModel
 
 _DATATYPE_OF = {dtype: name for name, dtype in NUMPY_TYPES.items()}
 

@@ -8,8 +8,8 @@ server costs above gRPC Python itself, which is the part the project controls; a
 slower machine moves both.
 
 Not a server to deploy: it answers ``ModelInfer`` only, with raw contents in and out, and one
-``model`` (name). Run as ``python -m service.grpc_floor``; it logs the same "listening" and
-"ready" lines as ``serve``, so :class:`~service.server_process.ServerProcess` can start it.
+``model`` (name). Run as ``python -m service.tools.grpc_floor``; it logs the same "listening" and
+"ready" lines as ``serve``, so :class:`~service.tools.server_process.ServerProcess` can start it.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from . import BUNDLED_REPOSITORY, event_loop
-from ._generated.inference import grpc_service_pb2 as pb
-from ._generated.inference import grpc_service_pb2_grpc as pb_grpc
-from .runtime import DeviceChoice, Runtime
+from model_format import MODEL_FILE
+from service import BUNDLED_REPOSITORY
+from service._generated.inference import grpc_service_pb2 as pb
+from service._generated.inference import grpc_service_pb2_grpc as pb_grpc
+from service.core import event_loop
+from service.engine.runtime import DeviceChoice, Runtime
 
 __all__ = ["main"]
 
@@ -63,7 +65,7 @@ class _Floor(pb_grpc.GRPCInferenceServiceServicer):
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    path = args.model_repository / args.model / str(args.version) / "model.onnx"
+    path = args.model_repository / args.model / str(args.version) / MODEL_FILE
     runtime = Runtime(path, DeviceChoice(args.device), 1, args.cpu_threads, False)
     registry = CollectorRegistry()
     requests = Counter(
@@ -101,8 +103,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m service.grpc_floor``."""
-    parser = argparse.ArgumentParser(prog="python -m service.grpc_floor", description=__doc__)
+    """``python -m service.tools.grpc_floor``."""
+    parser = argparse.ArgumentParser(prog="python -m service.tools.grpc_floor", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--grpc-port", type=int, default=0)
     parser.add_argument("--metrics-port", type=int, default=0)

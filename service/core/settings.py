@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import BUNDLED_REPOSITORY
-from .event_loop import CHOICES as EVENT_LOOPS
+from service import BUNDLED_REPOSITORY
+from service.core.event_loop import CHOICES as EVENT_LOOPS
 
 __all__ = ["ENV_PREFIX", "Settings", "add_arguments", "from_arguments", "parse_value"]
 

@@ -1,0 +1,1 @@
+"""The composition root: the server's start-up and drain, worker processes."""

@@ -1,0 +1,1 @@
+"""Classification: image inputs, Classify and ClassifyDense over the engine's data plane."""

@@ -1,0 +1,1 @@
+"""The wire: gRPC servicers, status mapping, health, streams and the KServe tensor codec."""
