@@ -30,8 +30,8 @@ EPOCHS = 60
 DEMO_CONFIG = {"dynamic_batching": {"max_queue_delay_microseconds": 2000}}
 """The demo's serving knobs. A model this small costs the server far more than it computes, so
 requests are gathered for up to 2 ms to share one batch, which ends as soon as as many have come
-as the last full window gathered (see service/batcher.py). Measured against no window, side by
-side on two cores: +4 % requests/s at 4 clients, +31 % at 16, +7 % at 64; -5 % at 1 (noise)."""
+as the last full window gathered (see service/engine/batcher.py; docs/benchmarks.md has the
+measured gain)."""
 
 
 class DigitsNet(nn.Module):

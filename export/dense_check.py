@@ -18,9 +18,28 @@ from model_format import INPUT_NAME, cell_counts
 
 from .onnx_export import ort_session
 
-__all__ = ["DenseCheck", "check_dense", "crop_by_crop", "dense_map"]
+__all__ = ["DenseCheck", "DensePair", "check_dense", "crop_by_crop", "dense_map"]
 
 _CROP_BATCH = 16
+
+
+@dataclass(frozen=True)
+class DensePair:
+    """An entry's two files and the geometry that relates the dense map to crops.
+
+    Attributes:
+        model_path: ``model.onnx``, the classifier run on each crop.
+        dense_path: ``model.dense.onnx``, run once on the whole input.
+        channels: the input's channels.
+        window: the classifier's input size, per spatial axis.
+        stride: input pixels between neighbouring cells, per axis.
+    """
+
+    model_path: Path
+    dense_path: Path
+    channels: int
+    window: tuple[int, ...]
+    stride: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -84,19 +103,14 @@ def crop_by_crop(
 
 
 def check_dense(
-    model_path: Path,
-    dense_path: Path,
-    channels: int,
-    window: Sequence[int],
-    stride: Sequence[int],
-    sizes: Iterable[Sequence[int]],
-    rng: np.random.Generator,
+    pair: DensePair, sizes: Iterable[Sequence[int]], rng: np.random.Generator
 ) -> DenseCheck:
-    """Compare both files on random inputs of the given spatial ``sizes``."""
-    classifier, dense = ort_session(model_path), ort_session(dense_path)
+    """Compare both files of ``pair`` on random inputs of the given spatial ``sizes``."""
+    classifier, dense = ort_session(pair.model_path), ort_session(pair.dense_path)
+    window, stride = pair.window, pair.stride
     worst, scale, agree, total, checked = 0.0, 0.0, 0, 0, []
     for size in sizes:
-        image = rng.standard_normal((channels, *size)).astype(np.float32)
+        image = rng.standard_normal((pair.channels, *size)).astype(np.float32)
         expected = crop_by_crop(classifier, image, window, stride)
         got = dense_map(dense, image, window, stride)
         worst = max(worst, float(np.max(np.abs(got - expected))))

@@ -29,7 +29,7 @@ from model_format import (
 )
 
 from . import geometry
-from .dense_check import DenseCheck, check_dense
+from .dense_check import DenseCheck, DensePair, check_dense
 from .errors import ExportError
 from .fc_to_conv import to_dense
 from .onnx_export import IR_VERSION, OPSET, max_abs_diff, write_metadata, write_onnx
@@ -196,9 +196,8 @@ def _write_dense(
             f"{report.dense_parity_max_abs_diff:.3g} (tolerance {spec.parity_tolerance:g})"
         )
     progress("checking dense cells against crop-by-crop evaluation")
-    check = check_dense(
-        report.model_path, path, spec.input_shape[0], window, found.stride, sizes, rng
-    )
+    pair = DensePair(report.model_path, path, spec.input_shape[0], tuple(window), found.stride)
+    check = check_dense(pair, sizes, rng)
     structurally_exact = not found.padded and not found.global_pooling
     if structurally_exact and check.max_abs_dev > DENSE_EXACT_TOLERANCE:
         raise ExportError(

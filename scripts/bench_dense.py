@@ -6,8 +6,8 @@ Exports torchvision's AlexNet and ResNet-18 at 224 (random weights) with their d
 into a temporary repository beside the bundled digits model, starts ``convserve serve`` in
 another process, and times ClassifyDense in dense mode and in ``mode=crops`` on one 384x384
 image (a strip 125 windows long for the demo model), alternating the two so machine noise hits
-both alike (``service.tools.bench.dense_comparison``; ``convserve bench --dense`` does the same
-for a model already in a repository). Needs the ``export`` extra.
+both alike (``service.tools.bench.dense.dense_comparison``; ``convserve bench --dense`` does the
+same for a model already in a repository). Needs the ``export`` extra.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service import BUNDLED_REPOSITORY  # noqa: E402
-from service.tools.bench import dense_comparison  # noqa: E402
+from service.tools.bench.dense import dense_comparison  # noqa: E402
 from service.tools.server_process import ServerProcess  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""The prepared GPU check (../shared/GPU.md): run once on a borrowed GPU machine.
+"""The prepared GPU check (docs/gpu.md): run once on a borrowed GPU machine.
 
     python scripts/gpu_check.py REPOSITORY MODEL OUT_DIR
 

@@ -1,4 +1,9 @@
-"""``convserve``: the one command line of the project (serve, export, inspect, demo)."""
+"""``convserve``: the one command line of the project (serve, export, inspect, demo).
+
+Building the parser imports only the commands' argument definitions: each command imports what
+it runs on (ONNX Runtime, torch, the bench) when it runs, so ``--help`` and the client commands
+stay quick and need neither ONNX Runtime nor torch.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ from export.cli import add_commands as add_export_commands
 from export.errors import ExportError
 from service import BUNDLED_REPOSITORY
 from service.core import settings
-from service.tools.bench import add_commands as add_bench_commands
+from service.core.settings import SettingError
+from service.tools.bench.cli import add_commands as add_bench_commands
 from service.tools.client import ClientError
 from service.tools.client import add_commands as add_client_commands
 
@@ -45,11 +51,11 @@ def _serve(args: argparse.Namespace) -> int:
     from service.core import event_loop
     from service.core.logs import configure_logging
 
+    chosen = settings.from_arguments(args)
     try:
-        chosen = settings.from_arguments(args)
         factory = event_loop.loop_factory(chosen.event_loop)
-    except ValueError as exc:
-        raise ExportError(str(exc)) from exc
+    except ValueError as exc:  # uvloop asked for where it is not installed
+        raise SettingError(str(exc)) from exc
     role = worker_role()
     configure_logging(chosen.log_format, chosen.log_level, None if role is None else role.index)
     if chosen.workers > 1 and role is None:
@@ -62,10 +68,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Set ``CONVSERVE_DEBUG=1`` to see the traceback of an unexpected failure.
     """
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except SettingError as exc:  # an environment variable no setting can take
+        print(f"convserve: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         code = args.handler(args)
-    except (ExportError, ClientError) as exc:
+    except (SettingError, ExportError, ClientError) as exc:
         print(f"convserve {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

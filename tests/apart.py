@@ -1,7 +1,7 @@
 """Running a test's script in a Python process of its own.
 
-For what cannot share the test process: our KServe stubs and tritonclient's (the same proto
-file), or a server's own event loop.
+For a script that must not share the test process: one that checks which modules a command
+imports (a fresh ``sys.modules``), or one that runs an event loop of its own.
 """
 
 from __future__ import annotations

@@ -13,27 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.core.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
-from service.engine.batcher import LONE_WINDOWS, PROBE_EVERY, REMEASURE_EVERY, BatchQueue
-
-
-class Recorder:
-    """Runs 'the model' (rows times two plus one) and records batch sizes; can be gated."""
-
-    def __init__(self, fail_when=None) -> None:  # type: ignore[no-untyped-def]
-        self.sizes: list[int] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.entered = threading.Event()
-        self.fail_when = fail_when
-
-    def __call__(self, feeds, instance):  # type: ignore[no-untyped-def]
-        x = feeds["x"]
-        self.entered.set()
-        self.gate.wait(10)
-        self.sizes.append(int(x.shape[0]))
-        if self.fail_when is not None and self.fail_when(x):
-            raise RuntimeError("the model failed on this batch")
-        return [x * 2 + 1]
+from service.engine.batcher import BatchQueue
+from tests.batcher_stand_ins import Counting, Recorder, policy, rows
 
 
 @pytest.fixture()
@@ -42,42 +23,18 @@ def executor():
         yield pool
 
 
-def rows(n: int, start: float) -> np.ndarray:
-    return np.arange(start, start + n * 3, dtype=np.float32).reshape(n, 3)
-
-
 async def test_lone_request_pays_no_window(executor) -> None:
     run = Recorder()
-    queue = BatchQueue(run, [executor], max_batch_size=8)
+    queue = BatchQueue(run, [executor], policy(8))
     out = await queue.submit({"x": rows(2, 0)}, 2, (3,), None)
     np.testing.assert_array_equal(out[0], rows(2, 0) * 2 + 1)
     assert run.sizes == [2]
     await queue.close()
 
 
-class Counting:
-    """An observer that counts queue waits and batches."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-        self.batches: list[tuple[int, int]] = []
-
-    def batch_done(self, images, requests, input_s, compute_s, output_s) -> None:  # type: ignore[no-untyped-def]
-        self.batches.append((images, requests))
-
-    def queued(self, waited_seconds: float) -> None:
-        self.waits.append(waited_seconds)
-
-    def dropped(self, reason: str) -> None:
-        pass
-
-    def depth(self, images: int) -> None:
-        pass
-
-
 async def test_tiny_models_run_a_lone_request_at_once_inside_submit(executor) -> None:
     run, seen = Recorder(), Counting()
-    queue = BatchQueue(run, [executor], max_batch_size=8, observer=seen, inline_below_seconds=1.0)
+    queue = BatchQueue(run, [executor], policy(8), observer=seen, inline_below_seconds=1.0)
     first = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     assert not first.done()  # nothing is known of the model yet: the worker runs it
     await first
@@ -90,27 +47,10 @@ async def test_tiny_models_run_a_lone_request_at_once_inside_submit(executor) ->
     await queue.close()
 
 
-async def test_a_configured_window_still_gathers_tiny_requests(executor) -> None:
-    run = Recorder()
-    queue = BatchQueue(
-        run,
-        [executor],
-        max_batch_size=8,
-        max_queue_delay_microseconds=50_000,
-        inline_below_seconds=1.0,
-    )
-    await queue.submit({"x": rows(1, 0)}, 1, (3,), None)
-    pair = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in (1, 2)]
-    assert not any(f.done() for f in pair)  # they wait for the window, not run one by one
-    await asyncio.gather(*pair)
-    assert run.sizes == [1, 2]
-    await queue.close()
-
-
 async def test_requests_queued_while_busy_share_the_next_batch(executor) -> None:
     run = Recorder()
     run.gate.clear()
-    queue = BatchQueue(run, [executor], max_batch_size=8)
+    queue = BatchQueue(run, [executor], policy(8))
     first = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     await asyncio.to_thread(run.entered.wait, 5)  # the instance is now busy with `first`
     later = [queue.submit({"x": rows(1, 10 * i)}, 1, (3,), None) for i in range(1, 6)]
@@ -124,33 +64,10 @@ async def test_requests_queued_while_busy_share_the_next_batch(executor) -> None
     await queue.close()
 
 
-async def test_window_holds_the_batch_until_full(executor) -> None:
-    run = Recorder()
-    queue = BatchQueue(run, [executor], max_batch_size=4, max_queue_delay_microseconds=5_000_000)
-    futures = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(3)]
-    await asyncio.sleep(0.1)
-    assert not any(f.done() for f in futures) and run.sizes == []
-    futures.append(queue.submit({"x": rows(1, 3)}, 1, (3,), None))
-    await asyncio.wait_for(asyncio.gather(*futures), 2)  # full: no need to wait 5 s
-    assert run.sizes == [4]
-    await queue.close()
-
-
-async def test_window_ends_on_the_monotonic_clock(executor) -> None:
-    run = Recorder()
-    queue = BatchQueue(run, [executor], max_batch_size=64, max_queue_delay_microseconds=100_000)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    await asyncio.gather(*(queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(3)))
-    assert loop.time() - started >= 0.09
-    assert run.sizes == [3]
-    await queue.close()
-
-
 async def test_shapes_never_share_a_batch(executor) -> None:
     run = Recorder()
     run.gate.clear()
-    queue = BatchQueue(run, [executor], max_batch_size=16)
+    queue = BatchQueue(run, [executor], policy(16))
     blocker = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     await asyncio.to_thread(run.entered.wait, 5)
     small = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(3)]
@@ -164,7 +81,7 @@ async def test_shapes_never_share_a_batch(executor) -> None:
 async def test_preferred_batch_size_cuts_the_batch(executor) -> None:
     run = Recorder()
     run.gate.clear()
-    queue = BatchQueue(run, [executor], max_batch_size=16, preferred_batch_size=[4])
+    queue = BatchQueue(run, [executor], policy(16, preferred_batch_size=[4]))
     blocker = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     await asyncio.to_thread(run.entered.wait, 5)
     rest = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(6)]
@@ -177,14 +94,14 @@ async def test_preferred_batch_size_cuts_the_batch(executor) -> None:
 def test_a_request_above_the_preferred_cut_still_runs() -> None:
     """9 images queued with preferred sizes 8 and 16: the cut is 8, the request must go whole.
 
-    Run on a loop in a thread of its own: the bug this guards against spun that loop forever
-    without a turn, which no timeout on the same loop could end.
+    Run on a loop in a thread of its own: a worker that never takes the head spins that loop
+    forever without a turn, which no timeout on the same loop could end.
     """
 
     async def scenario() -> list[int]:
         with ThreadPoolExecutor(1) as pool:
             run = Recorder()
-            queue = BatchQueue(run, [pool], max_batch_size=32, preferred_batch_size=[8, 16])
+            queue = BatchQueue(run, [pool], policy(32, preferred_batch_size=[8, 16]))
             out = await queue.submit({"x": rows(9, 0)}, 9, (3,), None)
             np.testing.assert_array_equal(out[0], rows(9, 0) * 2 + 1)
             await queue.close()
@@ -204,7 +121,7 @@ async def test_a_model_without_a_batch_axis_gets_its_outputs_whole(executor) -> 
     def run(feeds, instance):  # type: ignore[no-untyped-def]
         return [feeds["x"].sum(axis=1), np.arange(7, dtype=np.int64)]
 
-    queue = BatchQueue(run, [executor], max_batch_size=0)
+    queue = BatchQueue(run, [executor], policy(0))
     first, second = (
         queue.submit({"x": rows(3, 0)}, 1, (3, 3), None),
         queue.submit({"x": rows(3, 10)}, 1, (3, 3), None),
@@ -222,7 +139,7 @@ async def test_a_batch_that_cannot_be_stacked_fails_alone_and_the_worker_lives_o
     """An error outside the model (here: stacking) fails that batch, not the whole queue."""
     run = Recorder()
     run.gate.clear()
-    queue = BatchQueue(run, [executor], max_batch_size=8)
+    queue = BatchQueue(run, [executor], policy(8))
     busy = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     await asyncio.to_thread(run.entered.wait, 5)
     # one key, two widths: a caller bug np.concatenate refuses
@@ -241,7 +158,7 @@ async def test_a_batch_that_cannot_be_stacked_fails_alone_and_the_worker_lives_o
 
 
 async def test_close_lets_a_holder_submit_its_later_parts_then_refuses(executor) -> None:
-    queue = BatchQueue(Recorder(), [executor], max_batch_size=4)
+    queue = BatchQueue(Recorder(), [executor], policy(4))
     with queue.held():
         first = await queue.submit({"x": rows(1, 0)}, 1, (3,), None)
         closing = asyncio.create_task(queue.close())
@@ -258,7 +175,7 @@ async def test_close_lets_a_holder_submit_its_later_parts_then_refuses(executor)
 async def test_full_queue_is_refused_at_once(executor) -> None:
     run = Recorder()
     run.gate.clear()
-    queue = BatchQueue(run, [executor], max_batch_size=1, max_queue_size=2)
+    queue = BatchQueue(run, [executor], policy(1, max_queue_size=2))
     busy = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     await asyncio.to_thread(run.entered.wait, 5)
     waiting = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(2)]
@@ -272,7 +189,7 @@ async def test_full_queue_is_refused_at_once(executor) -> None:
 async def test_a_cancelled_request_does_not_hold_a_place_in_a_full_queue(executor) -> None:
     run = Recorder()
     run.gate.clear()
-    queue = BatchQueue(run, [executor], max_batch_size=1, max_queue_size=2)
+    queue = BatchQueue(run, [executor], policy(1, max_queue_size=2))
     busy = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     await asyncio.to_thread(run.entered.wait, 5)
     gone = queue.submit({"x": rows(1, 1)}, 1, (3,), None)
@@ -291,7 +208,7 @@ async def test_a_cancelled_request_does_not_hold_a_place_in_a_full_queue(executo
 async def test_expired_and_cancelled_requests_cost_no_compute(executor) -> None:
     run = Recorder()
     run.gate.clear()
-    queue = BatchQueue(run, [executor], max_batch_size=8)
+    queue = BatchQueue(run, [executor], policy(8))
     busy = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     await asyncio.to_thread(run.entered.wait, 5)
     expired = queue.submit({"x": rows(1, 1)}, 1, (3,), time.monotonic() + 0.01)
@@ -311,7 +228,7 @@ async def test_expired_and_cancelled_requests_cost_no_compute(executor) -> None:
 async def test_an_error_reaches_the_whole_batch_and_the_next_batch_runs(executor) -> None:
     run, seen = Recorder(fail_when=lambda x: bool((x < 0).any())), Counting()
     run.gate.clear()
-    queue = BatchQueue(run, [executor], max_batch_size=8, observer=seen)
+    queue = BatchQueue(run, [executor], policy(8), observer=seen)
     busy = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
     await asyncio.to_thread(run.entered.wait, 5)
     doomed = [queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(2)]
@@ -337,7 +254,7 @@ def test_every_request_gets_exactly_its_own_rows(sizes: list[int], instances: in
     async def scenario() -> None:
         with ThreadPoolExecutor(4) as pool:
             run = Recorder()
-            queue = BatchQueue(run, [pool] * instances, max_batch_size=8)
+            queue = BatchQueue(run, [pool] * instances, policy(8))
             inputs = [rows(n, 1000 * i) for i, n in enumerate(sizes)]
             results = await asyncio.gather(
                 *(queue.submit({"x": x}, len(x), (3,), None) for x in inputs)
@@ -351,91 +268,8 @@ def test_every_request_gets_exactly_its_own_rows(sizes: list[int], instances: in
 
 
 def test_cuda_batch_buckets() -> None:
-    from service.engine.repository import _warm_up_sizes
+    from service.engine.model_loader import warm_up_sizes as _warm_up_sizes
 
     assert _warm_up_sizes(32, (), buckets=False) == [1, 32]
     assert _warm_up_sizes(32, (12,), buckets=True) == [1, 2, 4, 8, 12, 16, 32]
     assert _warm_up_sizes(0, (), buckets=True) == [1]
-
-
-async def test_a_window_that_gathers_nobody_is_skipped_but_probed(executor) -> None:
-    run, seen = Recorder(), Counting()
-    queue = BatchQueue(
-        run,
-        [executor],
-        max_batch_size=8,
-        max_queue_delay_microseconds=20_000,
-        inline_below_seconds=1.0,
-        observer=seen,
-    )
-    loop = asyncio.get_running_loop()
-    for i in range(LONE_WINDOWS):  # a lone client: each of these waits the whole window
-        started = loop.time()
-        await queue.submit({"x": rows(1, i)}, 1, (3,), None)
-        assert loop.time() - started >= 0.015
-    # Now the window is skipped: a tiny model answers inside submit, ...
-    answered_at_once = []
-    for i in range(PROBE_EVERY):
-        future = queue.submit({"x": rows(1, i)}, 1, (3,), None)
-        answered_at_once.append(future.done())
-        await future
-    # ... except the probe, which waits the window again, in case company has come.
-    assert answered_at_once == [True] * (PROBE_EVERY - 1) + [False]
-    assert run.sizes == [1] * (LONE_WINDOWS + PROBE_EVERY)
-    # Company during a probe brings the window back for everyone.
-    for i in range(PROBE_EVERY - 1):
-        await queue.submit({"x": rows(1, i)}, 1, (3,), None)
-    probe = queue.submit({"x": rows(1, 0)}, 1, (3,), None)
-    company = queue.submit({"x": rows(1, 1)}, 1, (3,), None)
-    assert not probe.done() and not company.done()
-    await asyncio.gather(probe, company)
-    assert run.sizes[-1] == 2
-    lone = queue.submit({"x": rows(1, 2)}, 1, (3,), None)
-    assert not lone.done()  # the window is back: it waits for company again
-    await lone
-    assert seen.batches[-1] == (1, 1)
-    await queue.close()
-
-
-async def test_a_window_ends_once_the_company_of_the_last_full_one_has_come(executor) -> None:
-    run = Recorder()
-    window = 0.3
-    queue = BatchQueue(
-        run, [executor], max_batch_size=8, max_queue_delay_microseconds=int(window * 1e6)
-    )
-    loop = asyncio.get_running_loop()
-
-    async def together(n: int) -> float:
-        """Submit n requests at once; seconds until all are answered."""
-        started = loop.time()
-        await asyncio.gather(*(queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(n)))
-        return loop.time() - started
-
-    assert await together(3) >= window * 0.9  # nothing known yet: the whole window
-    assert await together(3) < window / 2  # three came last time: three end it
-    assert await together(2) >= window * 0.9  # fewer: the window runs out, and two is the mark
-    early = [await together(2) < window / 2 for _ in range(REMEASURE_EVERY - 1)]
-    assert early == [True] * (REMEASURE_EVERY - 1)
-    assert await together(2) >= window * 0.9  # then one runs in full, to see whether more come
-    assert run.sizes == [3, 3, 2, *[2] * REMEASURE_EVERY]
-    await queue.close()
-
-
-async def test_with_two_instances_the_window_still_ends_at_the_company(executor) -> None:
-    # Both workers wait out the same window; the one that finds it empty measures nothing.
-    run, window = Recorder(), 0.3
-    queue = BatchQueue(
-        run, [executor, executor], max_batch_size=8, max_queue_delay_microseconds=300_000
-    )
-    loop = asyncio.get_running_loop()
-
-    async def together(n: int) -> float:
-        started = loop.time()
-        await asyncio.gather(*(queue.submit({"x": rows(1, i)}, 1, (3,), None) for i in range(n)))
-        return loop.time() - started
-
-    assert await together(3) >= window * 0.9
-    assert await together(3) < window / 2
-    assert await together(3) < window / 2
-    assert run.sizes == [3, 3, 3]
-    await queue.close()

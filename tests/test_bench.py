@@ -106,7 +106,9 @@ import numpy as np
 
 from service import BUNDLED_REPOSITORY
 from service._generated.inference import grpc_service_pb2 as pb
-from service.tools.bench import KSERVE_METHOD, STREAM_METHOD, served_benchmark
+from service.tools.bench.sweep import (
+    KSERVE_METHOD, STREAM_METHOD, Step, Target, served_benchmark,
+)
 from service.tools.server_process import ServerProcess
 
 
@@ -125,10 +127,9 @@ generator = "python" if sys.argv[1] == "python" else "h2load"
 with ServerProcess(BUNDLED_REPOSITORY, module=module) as server:
     # 8x9 decodes (the bytes match the shape) but the model refuses it: INVALID_ARGUMENT.
     for shape in ([1, 1, 8, 8], [1, 1, 8, 9]):
-        row = served_benchmark(
-            server.grpc_address, server.metrics_url, "digits", "kserve", method,
-            payload(shape), 4, 1.0, 1, server.process.pid, generator,
-        )
+        target = Target(server.grpc_address, server.metrics_url, "digits", server.process.pid)
+        step = Step("kserve", method, payload(shape), 4, 1.0, 1, generator)
+        row = served_benchmark(target, step)
         rows.append(asdict(row))
 print(json.dumps(rows))
 """
@@ -178,7 +179,7 @@ import numpy as np
 
 from service import BUNDLED_REPOSITORY
 from service._generated.inference import grpc_service_pb2 as pb
-from service.tools.bench import KSERVE_METHOD, STREAM_METHOD
+from service.tools.bench.steps import KSERVE_METHOD, STREAM_METHOD
 from service.tools.server_process import ServerProcess
 
 request = pb.ModelInferRequest(model_name="digits")

@@ -97,7 +97,7 @@ def test_demo_recreates_the_bundled_model(tmp_path: Path, digits_files: tuple[Pa
     assert (tmp_path / "digits" / "config.json").read_text() == bundled_config.read_text()
     fresh = tmp_path / "digits" / "1"
     # Training is deterministic on one CPU, not across instruction sets: oneDNN and BLAS pick other
-    # kernels on AVX2 and AVX-512 machines, so logits differ by up to ~1 between them. What holds
+    # kernels on AVX2 and AVX-512 machines, and the trained logits differ between them. What holds
     # everywhere: the same architecture and metadata, the same held-out accuracy within a point or
     # two, and the same answer on nearly every held-out digit.
     for name in ("model.onnx", "model.dense.onnx"):

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
@@ -30,6 +31,14 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     onnx_models.slow(root / "slow" / "1", config={"max_batch_size": 16})
     # no batch axis: the first dimension is the model's own
     onnx_models.linear(root / "unbatched" / "1", TensorProto.FLOAT, WEIGHT, {"max_batch_size": 0})
+    # config.json asks for batching, but the first dimension is fixed: batching is off
+    fixed = onnx_models.linear(
+        root / "fixed" / "1", TensorProto.FLOAT, WEIGHT, {"max_batch_size": 4}
+    )
+    model = onnx.load(fixed)
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 3
+    onnx.save(model, fixed)
     onnx_models.gather(
         root / "gather" / "1",
         config={"max_batch_size": 4, "dynamic_batching": {"max_queue_delay_microseconds": 300_000}},
@@ -93,6 +102,28 @@ def test_model_config(client) -> None:
     assert unbatched.max_batch_size == 0
     assert not unbatched.HasField("dynamic_batching")
     assert [list(i.dims) for i in unbatched.input] == [[-1, 4]]
+
+
+def test_a_fixed_first_dimension_turns_batching_off(client, server: ServerProcess) -> None:
+    assert client.get_model_config("fixed").config.max_batch_size == 0
+    assert "fixed v1: first input dimension is fixed, so batching is off" in server.log()
+    x = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+    tensor = triton.InferInput("features", [3, 4], "FP32")
+    tensor.set_data_from_numpy(x)
+    results: list[object] = []
+    done = threading.Semaphore(0)
+
+    def callback(result, error) -> None:
+        results.append(error or result)
+        done.release()
+
+    for _ in range(3):  # at once: each runs alone, with all three rows its own
+        client.async_infer("fixed", [tensor], callback=callback)
+    for _ in range(3):
+        assert done.acquire(timeout=30)
+    for result in results:
+        assert not isinstance(result, Exception), result
+        np.testing.assert_allclose(result.as_numpy("scores"), x @ WEIGHT, rtol=1e-5, atol=1e-6)
 
 
 def test_sync_infer_matches_onnx_runtime(client, repository: Path) -> None:

@@ -367,3 +367,19 @@ def test_failed_request_log_takes_the_request_id_from_metadata(server: ServerPro
     assert records and records[-1]["status"] == "INVALID_ARGUMENT"
     assert records[-1]["model"] == "digits" and records[-1]["api"] == "classify"
     assert "junk" not in json.dumps(records[-1])  # the payload never reaches the log
+
+
+def test_every_declared_metric_is_in_the_docs_table() -> None:
+    from prometheus_client import REGISTRY
+
+    import service.engine.metrics  # noqa: F401  (declares the metrics in the default registry)
+
+    def family(name: str) -> str:  # a counter's family is named without its _total
+        return name.removesuffix("_total")
+
+    declared = {m.name for m in REGISTRY.collect() if m.name.startswith("convserve_")}
+    declared |= {family(n) for n in (*GPU_METRICS, *WORKER_METRICS)}
+    table = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    documented = {family(n) for n in re.findall(r"^\| `(convserve_\w+)` \|", table, flags=re.M)}
+    assert len(declared) >= 15
+    assert declared == documented

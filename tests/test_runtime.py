@@ -82,7 +82,7 @@ async def test_the_operators_thread_count_is_kept_and_real_models_keep_theirs() 
     from service.core.settings import Settings
     from service.engine.repository import ModelRepository
 
-    async def health(name: str, serving: bool) -> None:
+    async def health(names: object) -> None:
         return None
 
     async def threads_of(settings: Settings, name: str = "digits") -> int:
@@ -146,7 +146,8 @@ def _resident_mb() -> float:
 
 
 def test_a_dense_pass_far_above_the_recent_ones_gives_its_memory_back() -> None:
-    # ONNX Runtime's CPU arena kept a 1536x1536 pass of the demo's dense twin (1.3 GB) for good.
+    # Left alone, ONNX Runtime's CPU arena keeps the memory of a 1536x1536 pass of the demo's
+    # dense twin for good.
     dense = BUNDLED_REPOSITORY / "digits" / "1" / "model.dense.onnx"
     runtime = Runtime(dense, DeviceChoice("cpu"), 1, 0, dynamic_shapes=True)
     rng = np.random.default_rng(0)
@@ -165,7 +166,7 @@ def test_a_dense_pass_far_above_the_recent_ones_gives_its_memory_back() -> None:
 
 def test_passes_of_sizes_that_keep_coming_keep_their_memory() -> None:
     # The scales of a multi-scale request (and any steady mix) stay under the fading peak:
-    # shrinking after each of them cost the demo's dense twin 50 % at 384x384.
+    # shrinking the arena after each of them would slow every one of those passes.
     dense = BUNDLED_REPOSITORY / "digits" / "1" / "model.dense.onnx"
     runtime = Runtime(dense, DeviceChoice("cpu"), 1, 0, dynamic_shapes=True)
 
@@ -175,5 +176,5 @@ def test_passes_of_sizes_that_keep_coming_keep_their_memory() -> None:
     assert not shrinks(384)  # the first pass has nothing to compare with
     assert [shrinks(side) for side in (384, 192, 96) * 10] == [False] * 30
     assert shrinks(1536)  # far above everything lately
-    assert not shrinks(1536)  # and again at once: now it is the peak
+    assert not shrinks(1536)  # and again at once: it is the peak itself
     runtime.close()

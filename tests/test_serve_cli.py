@@ -60,6 +60,34 @@ def test_invalid_setting_is_one_clear_line() -> None:
     assert result.returncode == 1
     assert "--device must be auto, cpu, cuda or cuda:N, got 'tpu'" in result.stderr
     assert "Traceback" not in result.stderr
+    assert result.stderr == (
+        "convserve serve: error: --device must be auto, cpu, cuda or cuda:N, got 'tpu'\n"
+    )
+
+
+def test_a_setting_out_of_range_is_a_setting_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Settings refuse a bad value with SettingError; the command line prints it as one line."""
+    from service.__main__ import main
+    from service.core.settings import SettingError
+
+    with pytest.raises(SettingError, match=r"^invalid setting max_batch_size=0$"):
+        Settings(max_batch_size=0)
+    assert issubclass(SettingError, ValueError)
+    assert main(["serve", "--max-batch-size", "0"]) == 1
+    assert capsys.readouterr().err == "convserve serve: error: invalid setting max_batch_size=0\n"
+
+
+def test_an_environment_variable_no_setting_can_take_is_a_setting_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Read while the parser is built, so it ends every command, as a usage error (exit 2)."""
+    from service.__main__ import main
+
+    monkeypatch.setenv("CONVSERVE_GRPC_PORT", "abc")
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err == (
+        "convserve: error: invalid setting grpc_port from CONVSERVE_GRPC_PORT='abc'\n"
+    )
 
 
 def test_json_logs_and_ports_from_the_environment() -> None:

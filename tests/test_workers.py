@@ -155,7 +155,9 @@ def test_model_control_reaches_every_worker(workers: ServerProcess) -> None:
     start = len(workers.log())
     client.load_model("digits")
     logged_after(
-        workers, start, *(f"worker-{i} service.engine.repository: loaded digits v1" for i in (0, 1))
+        workers,
+        start,
+        *(f"worker-{i} service.engine.model_loader: loaded digits v1" for i in (0, 1)),
     )
     assert scrape(workers.metrics_url)[ready] == 1
     x = np.zeros((1, 1, 8, 8), np.float32)

@@ -1,9 +1,10 @@
 """The composition root: builds every part, listens, loads models, drains on SIGTERM.
 
-Order of life: the gRPC port opens first (liveness answers, health is NOT_SERVING), then every
-model loads and warms up, then health turns SERVING. On SIGTERM or SIGINT: health turns
-NOT_SERVING, new requests get UNAVAILABLE, in-flight requests finish within the drain grace, and
-the process exits 0.
+Order of life, the phases of :class:`~service.engine.lifecycle.Lifecycle`: the gRPC port opens
+first (liveness answers, health is NOT_SERVING), then every model loads and warms up, then the
+server is serving (health SERVING; a worker tells its supervisor through its ready file). On
+SIGTERM or SIGINT it drains: health turns NOT_SERVING, new requests get UNAVAILABLE, in-flight
+requests finish within the drain grace, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf import descriptor_pool  # type: ignore[import-untyped]
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service._generated.convserve.v1 import classifier_pb2 as classifier_pb
 from service._generated.convserve.v1 import classifier_pb2_grpc as classifier_grpc
 from service._generated.inference import grpc_service_pb2 as kserve_pb
 from service._generated.inference import grpc_service_pb2_grpc as kserve_grpc
 from service.app.workers import WorkerRole
-from service.classification.classifier import Classification
+from service.classification.api import Classification
 from service.core.event_loop import describe
 from service.core.settings import Settings
 from service.engine.dataplane import DataPlane
+from service.engine.lifecycle import Lifecycle
 from service.engine.metrics import register_gpu_metrics, serve_metrics
 from service.engine.repository import ModelRepository
 from service.engine.runtime import DeviceChoice, available_cores
@@ -55,6 +58,19 @@ def _grpc_options(settings: Settings, role: WorkerRole | None) -> list[tuple[str
             ("grpc.max_connection_age_grace_ms", int(settings.drain_grace_seconds * 1000)),
         ]
     return options
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """Every served service's file in one pool, for reflection to describe.
+
+    Our contracts live in service._generated.POOL, apart from protobuf's default pool (where
+    tritonclient's same-named messages may be), and health and reflection live in the default
+    pool: reflection reads a single pool, so it gets one holding all four files.
+    """
+    pool = descriptor_pool.DescriptorPool()
+    for module in (kserve_pb, classifier_pb, health_pb2, reflection_pb2):
+        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    return pool
 
 
 async def _watch_supervisor(role: WorkerRole, stop: asyncio.Event) -> None:
@@ -134,11 +150,17 @@ async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
         max_workers=max(4, available_cores() * 2), thread_name_prefix="inference"
     )
     device = DeviceChoice(settings.device)
-    health = Health(lambda: repository.all_ready())
+    # The repository reports its changes to the lifecycle, which reads the models' states back.
     repository = ModelRepository(
-        settings.model_repository, settings, device, executor, health.model
+        settings.model_repository,
+        settings,
+        device,
+        executor,
+        lambda names: lifecycle.models_changed(names),
     )
-    plane = DataPlane(repository)
+    lifecycle = Lifecycle(repository)
+    health = Health(lifecycle)
+    plane = DataPlane(repository, lifecycle)
     siblings = None if role is None else Siblings(role.folder, role.index, settings.workers)
     kserve = KServeServicer(
         plane,
@@ -162,11 +184,12 @@ async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
             reflection.SERVICE_NAME,
         ],
         server,
+        pool=_reflection_pool(),
     )
     port = _listen(server, settings, role)
     if port == 0:
         return 2
-    await health.starting()
+    await lifecycle.listen(health.update)  # "" NOT_SERVING until the models have loaded
     await server.start()
     log.info("grpc listening on %s:%d", settings.host, port)
     try:
@@ -179,24 +202,23 @@ async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
         await server.stop(0)
         executor.shutdown(wait=False, cancel_futures=True)
         return 1
-    kserve.loaded = True
-    await health.started()
+    await lifecycle.serving()
     names = ", ".join(sorted({m.name for m in repository.served()})) or "no models"
     if role is None:
         log.info("ready: serving %s", names)
     else:
         log.info("worker %d is ready with %s", role.index, names)
-        role.mark_ready()
+        role.mark_ready()  # after the log line, which the supervisor's "ready" line follows
 
     await stop.wait()
     if watcher is not None:
         watcher.cancel()
     log.info("draining: finishing in-flight requests (grace %.1f s)", settings.drain_grace_seconds)
-    plane.draining = True
-    await health.draining()
+    await lifecycle.draining()  # health NOT_SERVING everywhere, new requests UNAVAILABLE
     await server.stop(settings.drain_grace_seconds)
     await repository.close()
     executor.shutdown(wait=True)
     decoders.shutdown(wait=True)
+    await lifecycle.stopped()
     log.info("stopped")
     return 0

@@ -1,7 +1,7 @@
 """``convserve serve --workers N``: N server processes on one port, and their supervisor.
 
-One Python process tops out where its event loop's core does (DESIGN.md section 9), so for small
-models throughput grows only with processes. The supervisor (this module, the process that was
+One Python process tops out at what its event loop's one core can do, so for small models
+throughput grows only with processes. The supervisor (this module, the process that was
 started) starts N ordinary ``convserve serve`` processes that each bind the gRPC port with
 ``SO_REUSEPORT``; the kernel spreads incoming connections (not requests) over them. It:
 
@@ -76,7 +76,7 @@ class WorkerRole:
         return self.ready_file.parent
 
     def mark_ready(self) -> None:
-        """Tell the supervisor that every model is loaded and warm."""
+        """Tell the supervisor that this worker is serving: every model loaded and warm."""
         self.ready_file.touch()
 
     def orphaned(self) -> bool:

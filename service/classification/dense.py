@@ -18,11 +18,14 @@ import numpy as np
 
 __all__ = [
     "best_cells",
+    "box",
     "crops",
+    "crops_map",
     "interleave",
     "pool",
     "shifted_copies",
     "softmax",
+    "twin_map",
 ]
 
 
@@ -77,6 +80,22 @@ def crops(
     return np.stack(windows)
 
 
+def twin_map(scores: np.ndarray, divisor: int, counts: Sequence[int]) -> np.ndarray:
+    """``[K, *counts]`` scores from the dense twin's ``[d**n, K, *cells]`` output.
+
+    One copy (``d == 1``) is cut to ``counts``; several are interleaved (:func:`interleave`).
+    """
+    if divisor > 1:
+        return interleave(scores, divisor, counts)
+    cut: np.ndarray = scores[0][(slice(None), *(slice(0, c) for c in counts))]
+    return cut
+
+
+def crops_map(scores: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    """``[K, *counts]`` scores from the classifier's ``[cells, K]`` rows of :func:`crops`."""
+    return np.ascontiguousarray(scores.T).reshape(scores.shape[1], *counts)
+
+
 def softmax(scores: np.ndarray) -> np.ndarray:
     """Softmax over axis 0 (the classes), computed stably in float32."""
     shifted = scores - scores.max(axis=0, keepdims=True)
@@ -103,3 +122,13 @@ def best_cells(probabilities: np.ndarray, classes: Sequence[int]) -> list[tuple[
         tuple(int(v) for v in np.unravel_index(int(probabilities[c].argmax()), spatial))
         for c in classes
     ]
+
+
+def box(begin: Sequence[int], window: Sequence[int]) -> tuple[int, ...]:
+    """A window's box: ``[x0, y0, x1, y1]`` for an image, ``[start, end]`` along one axis.
+
+    ``begin`` and ``window`` are per axis (rows first), as cells and windows are.
+    """
+    if len(begin) == 2:
+        return (begin[1], begin[0], begin[1] + window[1], begin[0] + window[0])
+    return (begin[0], begin[0] + window[0])

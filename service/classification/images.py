@@ -37,8 +37,8 @@ class ImageLimits:
 def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Read an encoded image's header, checking the limits; no pixel is decoded yet.
 
-    Tens of microseconds (Pillow opens lazily), so a caller can judge the work by the size
-    before choosing where :func:`load` decodes it.
+    Cheap (Pillow opens lazily), so a caller can judge the work by the size before choosing
+    where :func:`load` decodes it.
 
     Raises:
         ResourceExhausted: the encoded bytes or the declared pixel count exceed the limits.

@@ -15,9 +15,20 @@ from typing import Any
 from service import BUNDLED_REPOSITORY
 from service.core.event_loop import CHOICES as EVENT_LOOPS
 
-__all__ = ["ENV_PREFIX", "Settings", "add_arguments", "from_arguments", "parse_value"]
+__all__ = [
+    "ENV_PREFIX",
+    "SettingError",
+    "Settings",
+    "add_arguments",
+    "from_arguments",
+    "parse_value",
+]
 
 ENV_PREFIX = "CONVSERVE_"
+
+
+class SettingError(ValueError):
+    """A setting out of its range, or a value it cannot take; the message names the setting."""
 
 
 def _setting(default: Any, help_text: str, **extra: Any) -> Any:
@@ -127,7 +138,7 @@ class Settings:
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid setting {bad[0]}={getattr(self, bad[0])!r}")
+            raise SettingError(f"invalid setting {bad[0]}={getattr(self, bad[0])!r}")
         if not (
             self.device in ("auto", "cpu", "cuda")
             or (
@@ -136,7 +147,7 @@ class Settings:
                 and self.device[5:].isdigit()
             )
         ):
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise SettingError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def environment(self) -> dict[str, str]:
         """Every setting as its environment variable, so a child process rebuilds the same."""
@@ -166,12 +177,21 @@ def parse_value(kind: Any, text: str) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting, defaulting to its environment variable, then its default."""
+    """Add one flag per setting, defaulting to its environment variable, then its default.
+
+    Raises:
+        SettingError: an environment variable's text is not a value of its setting.
+    """
     for spec in fields(Settings):
         env = _env_name(spec.name)
         default = spec.default
         if env in os.environ:
-            default = parse_value(spec.type, os.environ[env])
+            try:
+                default = parse_value(spec.type, os.environ[env])
+            except ValueError:
+                raise SettingError(
+                    f"invalid setting {spec.name} from {env}={os.environ[env]!r}"
+                ) from None
         options: dict[str, Any] = {
             "default": default,
             "dest": spec.name,

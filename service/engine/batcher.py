@@ -17,6 +17,7 @@ Contract:
   length gathered, if that was two or more: with that many clients, more are unlikely to come.
   Every ``REMEASURE_EVERY``-th window runs in full again, to see more come. So a window sized for
   many clients does not make a few wait it out (they would, every batch, with a fixed window).
+  These decisions are :class:`~service.engine.window.WindowPolicy`'s, which holds the constants.
 * A batch holds requests of one shape key only (dense images of different sizes never share a
   batch) and at most ``max_batch_size`` images, cut at the largest preferred size that fits.
 * Requests whose deadline has passed or whose caller has gone are dropped before they cost
@@ -27,108 +28,50 @@ Contract:
   swaps the version out in the middle of such a request does not refuse its later parts.
 * A batch runs in the thread pool, so the event loop keeps accepting while ONNX Runtime works;
   but when batches typically take less than ``inline_below_seconds`` (tiny models), the hop to a
-  thread and back (0.1-0.3 ms here, several times that under GIL contention) costs more than the
-  model, so they run inline on the loop. Then (without a window, or while it is skipped) a
-  request that finds the queue empty and an instance free runs at once inside ``submit``: it is
-  the batch a worker would have taken next, without the two task switches (about 50 us) of
-  handing it to the worker and back.
+  thread and back (several times longer under GIL contention) costs more than the model, so
+  they run inline on the loop. Then (without a window, or while it is skipped) a request that
+  finds the queue empty and an instance free runs at once inside ``submit``: it is the batch a
+  worker would have taken next, without the two task switches of handing it to the worker and
+  back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
 from service.core.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
+from service.engine.batch import BatchObserver, Pending, RunBatch, fail_batch, stack_inputs
+from service.engine.model_config import BatchingPolicy
+from service.engine.window import WindowPolicy
 
-__all__ = [
-    "LONE_WINDOWS",
-    "PROBE_EVERY",
-    "REMEASURE_EVERY",
-    "BatchObserver",
-    "BatchQueue",
-    "Pending",
-    "RunBatch",
-]
-
-log = logging.getLogger(__name__)
-
-LONE_WINDOWS = 3
-"""Windows in a row that gathered only their first request, after which the window is skipped."""
-
-REMEASURE_EVERY = 32
-"""While windows end early at the company the last full window gathered, every this-many-th one
-runs its whole length again, so that more company is seen (less shows at once: the count is not
-reached, and the window runs out)."""
-
-PROBE_EVERY = 256
-"""While the window is skipped, every this-many-th batch waits it again: 0.4 % of a lone client's
-requests, so its p99 stays clear of the window (at 1 in 128 it showed in a 2.5 s step's p99), and
-at 1,000 requests/s the window is back within about 0.25 s of company arriving."""
-
-RunBatch = Callable[[Mapping[str, np.ndarray], int], Sequence[np.ndarray]]
-"""``run(feeds, instance)``: every output for a stacked batch, leading axis = total images."""
-
-
-class BatchObserver(Protocol):
-    """Told about what the batcher does (statistics and metrics)."""
-
-    def batch_done(
-        self,
-        images: int,
-        requests: int,
-        input_seconds: float,
-        compute_seconds: float,
-        output_seconds: float,
-    ) -> None:
-        """A batch ran and was answered: stacking its inputs, the model, splitting outputs.
-
-        A batch that failed is not reported (as in Triton, it is no inference or execution).
-        """
-
-    def queued(self, waited_seconds: float) -> None:
-        """A request left the queue for a batch."""
-
-    def dropped(self, reason: str) -> None:
-        """A request was dropped before compute: deadline, cancelled, queue_full, draining."""
-
-    def depth(self, images: int) -> None:
-        """Images now waiting."""
-
-
-@dataclass(eq=False)
-class Pending:
-    """One request waiting for its rows."""
-
-    inputs: Mapping[str, np.ndarray]
-    count: int
-    key: Hashable
-    deadline: float | None
-    future: asyncio.Future[list[np.ndarray]]
-    enqueued: float = field(default_factory=time.monotonic)
+__all__ = ["BatchQueue"]
 
 
 class BatchQueue:
-    """See the module docstring."""
+    """See the module docstring.
+
+    Args:
+        run: runs the model on a stacked batch on one instance.
+        executors: one per runtime instance; a worker runs its batches there.
+        policy: the model's batching knobs (``default_timeout_microseconds`` is the data
+            plane's; the batcher honours each request's own deadline).
+        observer: told about batches, queue waits, drops and queue depth.
+        inline_below_seconds: batches typically computing faster than this run on the loop.
+    """
 
     def __init__(
         self,
         run: RunBatch,
         executors: Sequence[Executor],
+        policy: BatchingPolicy,
         *,
-        max_batch_size: int,
-        max_queue_delay_microseconds: int = 0,
-        preferred_batch_size: Sequence[int] = (),
-        max_queue_size: int = 0,
         observer: BatchObserver | None = None,
         inline_below_seconds: float = 0.0,
     ) -> None:
@@ -137,16 +80,12 @@ class BatchQueue:
         self._typical: float | None = None  # moving average of a batch's compute time
         self._executors = list(executors)
         # 0: the model has no batch axis; each request runs alone and gets the outputs whole.
-        self._batching = max_batch_size > 0
-        self._max_batch = max(1, max_batch_size)
-        self._delay = max_queue_delay_microseconds / 1e6
-        self._lone = 0  # windows in a row that gathered only their first request
-        self._company = 0  # requests the last window that ran its whole length gathered
-        self._since_full = 0  # windows since the last one that had to run its whole length
-        self._since_probe = 0
+        self._batching = policy.max_batch_size > 0
+        self._max_batch = max(1, policy.max_batch_size)
+        self._window = WindowPolicy(policy.max_queue_delay_microseconds / 1e6)
         self._probing = False  # submit decided the next batch waits the window
-        self._preferred = sorted(p for p in preferred_batch_size if p <= self._max_batch)
-        self._max_queue = max_queue_size
+        self._preferred = sorted(p for p in policy.preferred_batch_size if p <= self._max_batch)
+        self._max_queue = policy.max_queue_size
         self._observer = observer
         self._queue: deque[Pending] = deque()
         self._busy: set[int] = set()  # instances running a batch now
@@ -188,7 +127,7 @@ class BatchQueue:
         if not self._queue and not self._probing and self._inline():
             instance = next((i for i in range(len(self._executors)) if i not in self._busy), None)
             if instance is not None:
-                self._probing = self._window_now()
+                self._probing = self._window.waits()
             if instance is not None and not self._probing:
                 if self._usable(pending, pending.enqueued):
                     if self._observer:
@@ -252,20 +191,15 @@ class BatchQueue:
                     return
                 self._arrived.clear()
                 await self._arrived.wait()
-            waited = self._probing or self._window_now()
+            waited = self._probing or self._window.waits()
             self._probing = False
             full = waited and await self._wait_window()
             batch = self._collect()
-            if full and batch:  # (with several instances, the others' windows end empty)
-                self._company, self._since_full = len(batch), 0
-            if waited and len(batch) == 1:
-                self._lone += 1
-            elif len(batch) > 1:
-                self._lone = 0
+            self._window.record(len(batch), waited=waited, full=full)
             try:
                 inline = bool(batch) and await self._execute(batch, instance)
             except Exception as exc:  # never lose the worker (and with it the model's queue)
-                self._fail(batch, exc)
+                fail_batch(batch, exc)
                 inline = False
             if inline or not batch:
                 # Inline: let the handlers that arrived meanwhile enqueue first, so the next
@@ -273,33 +207,16 @@ class BatchQueue:
                 # never go round without giving the loop a turn.
                 await asyncio.sleep(0)
 
-    def _window_now(self) -> bool:
-        """Whether the next batch waits the window (see the module docstring); counts probes."""
-        if not self._delay:
-            return False
-        if self._lone < LONE_WINDOWS:
-            return True
-        self._since_probe += 1
-        if self._since_probe < PROBE_EVERY:
-            return False
-        self._since_probe = 0
-        return True
-
     async def _wait_window(self) -> bool:
         """Wait for company from the first queued request on; True if it ran its whole length.
 
-        It ends early when the batch is full, and, where the last window that ran its whole
-        length gathered company (two requests or more), once as many requests have queued:
+        It ends early when the batch is full, and once as many requests have queued as the
+        window policy's target (the company of the last window that ran its whole length):
         with that many clients, more are unlikely to come within it. A fixed window waits in
-        full whenever the clients are fewer than a batch (the demo model with a 2 ms window:
-        at 4 clients, 1,018 against 1,735 requests/s without one; at 64, 2,076 against 1,836).
+        full whenever the clients are fewer than a batch.
         """
-        target = 0
-        if self._company >= 2:
-            self._since_full += 1
-            if self._since_full < REMEASURE_EVERY:
-                target = self._company
-        ends = self._queue[0].enqueued + self._delay
+        target = self._window.target()
+        ends = self._queue[0].enqueued + self._window.delay
         while not self._closing:
             if self._images >= self._max_batch or (target and len(self._queue) >= target):
                 return False
@@ -371,7 +288,7 @@ class BatchQueue:
         if self._inline():
             self._run_inline(batch, instance)
             return True
-        feeds, total, stacked = self._stack(batch)
+        feeds, total, stacked = stack_inputs(batch)
         self._busy.add(instance)
         try:
             loop = asyncio.get_running_loop()
@@ -379,7 +296,7 @@ class BatchQueue:
                 self._executors[instance], self._timed, feeds, instance
             )
         except Exception as exc:
-            self._fail(batch, exc)
+            fail_batch(batch, exc)
             return False
         finally:
             self._busy.discard(instance)
@@ -388,23 +305,13 @@ class BatchQueue:
 
     def _run_inline(self, batch: list[Pending], instance: int) -> None:
         """Run one batch on the loop's own turn (no thread hop) and answer its requests."""
-        feeds, total, stacked = self._stack(batch)
+        feeds, total, stacked = stack_inputs(batch)
         try:
             outputs, elapsed = self._timed(feeds, instance)
         except Exception as exc:
-            self._fail(batch, exc)
+            fail_batch(batch, exc)
             return
         self._answer(batch, total, outputs, stacked, elapsed)
-
-    @staticmethod
-    def _stack(batch: list[Pending]) -> tuple[dict[str, np.ndarray], int, float]:
-        """The batch's feeds, its image count, and the seconds stacking took."""
-        stacking = time.perf_counter()
-        if len(batch) == 1:
-            feeds = dict(batch[0].inputs)
-        else:
-            feeds = {n: np.concatenate([p.inputs[n] for p in batch]) for n in batch[0].inputs}
-        return feeds, sum(p.count for p in batch), time.perf_counter() - stacking
 
     def _answer(
         self,
@@ -425,7 +332,7 @@ class BatchQueue:
         wrong = [o.shape for o in outputs if o.ndim == 0 or o.shape[0] != total]
         if wrong:
             error = ServingError(f"the model returned {list(wrong[0])} rows for a batch of {total}")
-            self._fail(batch, error)
+            fail_batch(batch, error)
             return
         splitting = time.perf_counter()
         offset = 0
@@ -448,17 +355,3 @@ class BatchQueue:
         typical = self._typical
         self._typical = elapsed if typical is None else 0.9 * typical + 0.1 * elapsed
         return outputs, elapsed
-
-    @staticmethod
-    def _fail(batch: list[Pending], exc: Exception) -> None:
-        """Fail every request of the batch with ``exc`` (logged unless a ServingError).
-
-        As in Triton, a failed batch is no inference or execution in the statistics; each
-        request's failure is counted where it finishes (the data plane).
-        """
-        if not isinstance(exc, ServingError):
-            log.exception("batch of %d requests failed in the runtime", len(batch), exc_info=exc)
-            exc = ServingError("inference failed inside the runtime")
-        for pending in batch:
-            if not pending.future.done():
-                pending.future.set_exception(exc)

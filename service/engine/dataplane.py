@@ -16,6 +16,7 @@ import numpy as np
 from service.core.errors import DeadlineExceeded, ServingError, Unavailable
 from service.core.types import InferenceRequest
 from service.engine import metrics
+from service.engine.lifecycle import Lifecycle
 from service.engine.metrics import UNKNOWN_MODEL
 from service.engine.repository import ModelRepository, ServedModel
 from service.engine.validation import check_request
@@ -35,13 +36,19 @@ class Outcome:
 class DataPlane:
     """See the module docstring."""
 
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, lifecycle: Lifecycle | None = None) -> None:
+        """Serve ``repository``'s models while ``lifecycle`` accepts work.
+
+        Args:
+            repository: the served models.
+            lifecycle: the server's; left out, one of its own that never drains.
+        """
         self.repository = repository
-        self.draining = False
+        self.lifecycle = Lifecycle(repository) if lifecycle is None else lifecycle
 
     def model(self, name: str, version: str, outcome: Outcome) -> ServedModel:
         """Look a served model up, refusing new work while draining."""
-        if self.draining:
+        if not self.lifecycle.accepts_work():
             self.attribute(outcome, name, version)
             metrics.DROPPED.labels(outcome.model, "draining").inc()
             raise Unavailable("the server is shutting down; retry on another replica")

@@ -1,4 +1,4 @@
-"""Every Prometheus metric convserve exports, declared once (DESIGN.md section 6).
+"""Every Prometheus metric convserve exports, declared once (the table: docs/metrics.md).
 
 Other modules only observe. Label values come only from served models: a request naming an
 unknown model is counted under ``model="_unknown"``, so clients cannot grow the label set.
@@ -39,6 +39,7 @@ __all__ = [
     "QUEUE_DURATION",
     "REQUESTS",
     "REQUEST_DURATION",
+    "RESTRICTED_REFUSALS",
     "UNKNOWN_MODEL",
     "WORKER_METRICS",
     "WorkerCounts",
@@ -128,6 +129,11 @@ MODEL_READY = Gauge(
     multiprocess_mode="livemin",
 )
 DENSE_CELLS = Counter("convserve_dense_cells_total", "Score-map cells computed.", ["model"])
+RESTRICTED_REFUSALS = Counter(
+    "convserve_restricted_refusals_total",
+    "Calls refused because a restricted API group's header was missing or wrong.",
+    ["group"],
+)
 MODEL_DEVICE_MEMORY = Gauge(
     "convserve_model_device_memory_bytes",
     "GPU memory the model took when loaded and warmed up, summed over workers (NVML; absent "

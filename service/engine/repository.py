@@ -1,10 +1,10 @@
-"""The model repository: which models exist on disk, loading them, and name/version lookup.
+"""The model repository: which models serve under which names and versions, and (re)loading them.
 
-Layout (DESIGN.md section 3)::
-
-    <repository>/<model>/<version>/model.onnx         version: a positive integer
-    <repository>/<model>/<version>/model.dense.onnx   optional: also served as <model>_dense
-    <repository>/<model>/config.json                  optional serving knobs (Triton's names)
+The folders follow the model repository's file format (:mod:`model_format`; docs/architecture.md,
+"The file format"): ``<repository>/<model>/<version>/model.onnx``, an optional
+``model.dense.onnx`` beside it served as ``<model>_dense``, and an optional
+``<repository>/<model>/config.json`` of serving knobs under Triton's names.
+:mod:`service.engine.model_loader` builds the versions; this module decides when, and swaps them in.
 
 Loading a model again (RepositoryModelLoad) builds and warms the new sessions first, then swaps
 them in at once; requests already holding the old version finish on it, and its batcher drains
@@ -23,101 +23,24 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from model_format import CONFIG_FILE, DENSE_FILE, MODEL_FILE, ModelInfo, read_model_info
+from model_format import CONFIG_FILE
 from service.core.errors import InvalidArgument, ModelLoadFailed, ModelNotFound, ServingError
 from service.core.settings import Settings
 from service.engine import metrics
-from service.engine.batcher import BatchQueue
-from service.engine.model_config import ModelConfig, load_model_config
-from service.engine.runtime import DeviceChoice, Runtime, TensorSpec
-from service.engine.statistics import ModelStats
+from service.engine.model_config import load_model_config
+from service.engine.model_loader import DENSE_SUFFIX, ModelLoader, ServedModel, versions_on_disk
+from service.engine.runtime import DeviceChoice
 
-__all__ = ["ModelRepository", "ServedModel"]
+__all__ = ["DENSE_SUFFIX", "ModelRepository", "ModelsChanged", "ServedModel"]
 
 log = logging.getLogger(__name__)
 
-DENSE_SUFFIX = "_dense"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-HealthHook = Callable[[str, bool], Awaitable[None]]
-
-
-@dataclass(eq=False)
-class ServedModel:
-    """One served name at one version: sessions, batcher, description and statistics.
-
-    Attributes:
-        name: the served name (``digits`` or ``digits_dense``).
-        logical: the model's folder name (``digits``).
-        version: the version folder.
-        dense: this is the dense twin (``[N, K, *cells]`` out, dynamic spatial axes).
-        max_batch_size: images per batch; 0 when the model has no batch axis.
-    """
-
-    name: str
-    logical: str
-    version: int
-    dense: bool
-    runtime: Runtime
-    config: ModelConfig
-    max_batch_size: int
-    info: ModelInfo
-    stats: ModelStats
-    batcher: BatchQueue
-
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        """Input tensors (shape includes the batch axis, -1, when batching)."""
-        return self.runtime.inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        """Output tensors."""
-        return self.runtime.outputs
-
-
-@dataclass(frozen=True)
-class _Built:
-    name: str
-    version: int
-    dense: bool
-    runtime: Runtime
-    max_batch_size: int
-    info: ModelInfo
-
-
-def _warm_up_feeds(
-    runtime: Runtime, info: ModelInfo, sizes: Sequence[int], batching: bool
-) -> list[dict[str, np.ndarray]]:
-    samples = []
-    for size in sizes if batching else [0]:
-        feeds = {}
-        for spec in runtime.inputs:
-            dims = list(spec.shape[1:] if batching else spec.shape)
-            if -1 in dims and info.window and info.channels and len(dims) == len(info.window) + 1:
-                dims = [info.channels, *info.window]
-            if -1 in dims:
-                return []  # variable dimensions with nothing to say what to warm up with
-            shape = [size, *dims] if batching else dims
-            feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
-        samples.append(feeds)
-    return samples
-
-
-def _warm_up_sizes(max_batch: int, preferred: Sequence[int], buckets: bool) -> list[int]:
-    """Batch sizes to warm up: 1, the preferred sizes and the maximum.
-
-    On CUDA also the powers of two in between; they become the sizes every batch is padded to.
-    """
-    sizes = {1, *preferred, max_batch} - {0}
-    if buckets:
-        sizes |= {2**i for i in range(max_batch.bit_length()) if 2**i <= max_batch}
-    return sorted(sizes)
+ModelsChanged = Callable[[Sequence[str]], Awaitable[None]]
+"""Told which served names appeared or went (none when only a model's load state changed)."""
 
 
 class ModelRepository:
@@ -129,13 +52,13 @@ class ModelRepository:
         settings: Settings,
         device: DeviceChoice,
         executor: Executor,
-        health: HealthHook,
+        changed: ModelsChanged,
     ) -> None:
         self.root = root
         self._settings = settings
-        self._device = device
+        self._loader = ModelLoader(settings, device)
         self._executor = executor
-        self._health = health
+        self._changed = changed
         self._served: dict[str, dict[int, ServedModel]] = {}
         self._state: dict[str, tuple[str, str]] = {}  # logical name -> (state, reason)
         self._locks: dict[str, asyncio.Lock] = {}
@@ -237,130 +160,36 @@ class ModelRepository:
             # ones replace them, and if the new ones fail to load, they keep serving.
             serving = logical in self._served or logical + DENSE_SUFFIX in self._served
             if not serving:
-                self._state[logical] = ("LOADING", "")
+                await self._set_state(logical, "LOADING", "")
             try:
                 config = load_model_config(folder / CONFIG_FILE, self._settings)
-                on_disk = [
-                    int(p.name)
-                    for p in folder.iterdir()
-                    if p.name.isascii()
-                    and p.name.isdigit()
-                    and int(p.name) > 0
-                    and (p / MODEL_FILE).is_file()
-                ]
-                chosen = config.versions.select(on_disk)
+                chosen = config.versions.select(versions_on_disk(folder))
                 if not chosen:
                     raise ModelNotFound(logical)
                 built = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._build_all, logical, folder, chosen, config
+                    self._executor, self._loader.build_all, logical, folder, chosen, config
                 )
             except ModelNotFound:
                 if not serving:
-                    self._state[logical] = ("UNAVAILABLE", "no version folder with a model.onnx")
+                    reason = "no version folder with a model.onnx"
+                    await self._set_state(logical, "UNAVAILABLE", reason)
                 raise
             except Exception as exc:  # onnxruntime raises its own types for bad files
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                 if serving:
                     log.error("reloading %s failed, its served versions go on: %s", logical, reason)
                 else:
-                    self._state[logical] = ("UNAVAILABLE", reason)
                     metrics.MODEL_READY.labels(logical, "", "none").set(0)  # nothing serves it
+                    await self._set_state(logical, "UNAVAILABLE", reason)
                 raise ModelLoadFailed(logical, reason) from exc
-            # READY before the swap, whose health updates ask whether everything is ready.
+            # READY before the swap, whose change report leads to asking whether all are ready.
             self._state[logical] = ("READY", "")
-            await self._swap(logical, [self._serve(b, logical, config) for b in built])
+            await self._swap(logical, [self._loader.serve(b, logical, config) for b in built])
 
-    def _build_all(
-        self, logical: str, folder: Path, versions: list[int], config: ModelConfig
-    ) -> list[_Built]:
-        built = []
-        for version in versions:
-            for dense, filename in ((False, MODEL_FILE), (True, DENSE_FILE)):
-                path = folder / str(version) / filename
-                if path.is_file():
-                    name = logical + DENSE_SUFFIX if dense else logical
-                    built.append(self._build(name, version, path, dense, config))
-        return built
-
-    def _build(
-        self, name: str, version: int, path: Path, dense: bool, config: ModelConfig
-    ) -> _Built:
-        device_memory = metrics.gpu_memory_used(self._device.device_id)
-        runtime = Runtime(
-            path,
-            self._device,
-            config.instances,
-            self._settings.cpu_threads,
-            dynamic_shapes=dense,
-            processes=self._settings.workers,
-        )
-        info = read_model_info(runtime.metadata)
-        batching = config.batching.max_batch_size > 0
-        if batching and any(spec.shape[:1] != (-1,) for spec in runtime.inputs):
-            log.warning("%s v%d: first input dimension is fixed, so batching is off", name, version)
-            batching = False
-        max_batch = config.batching.max_batch_size if batching else 0
-        sizes = _warm_up_sizes(
-            max_batch, config.batching.preferred_batch_size, runtime.on_cuda and not dense
-        )
-        if runtime.on_cuda and batching and not dense:
-            runtime.buckets = tuple(sizes)
-        samples = _warm_up_feeds(runtime, info, sizes[:1] if dense else sizes, batching)
-        runtime.warm_up(samples)
-        # A model small enough to run on the event loop may cost less CPU on one thread (unless
-        # the operator chose the threads). Not a dense twin: its requests are whole images, far
-        # larger than the one window it is warmed up with.
-        tiny = self._settings.inline_compute_microseconds / 1e6
-        tune = not dense and not self._settings.cpu_threads
-        if tune and runtime.single_thread_if_cheaper(samples, tiny):
-            runtime.warm_up(samples)
-        after = metrics.gpu_memory_used(self._device.device_id)
-        if runtime.on_cuda and device_memory is not None and after is not None:
-            # ONNX Runtime does not report a session's memory; the device's growth across this
-            # model's load and warm-up is the best measure there is (loads run one at a time).
-            metrics.MODEL_DEVICE_MEMORY.labels(name).set(max(0, after - device_memory))
-        log.info(
-            "loaded %s v%d from %s on %s (%d instance(s), %d thread(s) each, max_batch_size %d)",
-            name,
-            version,
-            path,
-            runtime.provider,
-            len(runtime.sessions),
-            runtime.threads,
-            max_batch,
-        )
-        return _Built(name, version, dense, runtime, max_batch, info)
-
-    def _serve(self, built: _Built, logical: str, config: ModelConfig) -> ServedModel:
-        stats = ModelStats(built.name, str(built.version))
-        batching = config.batching
-        batcher = BatchQueue(
-            built.runtime.run,
-            built.runtime.executors,
-            max_batch_size=built.max_batch_size,
-            max_queue_delay_microseconds=batching.max_queue_delay_microseconds,
-            preferred_batch_size=batching.preferred_batch_size,
-            max_queue_size=batching.max_queue_size,
-            observer=stats,
-            # Only where every request costs about the same: a model with a variable height,
-            # width or length (dense twins) may get one far larger than the average so far,
-            # and that must not stop the event loop.
-            inline_below_seconds=0.0
-            if any(-1 in spec.shape[1:] for spec in built.runtime.inputs)
-            else self._settings.inline_compute_microseconds / 1e6,
-        )
-        return ServedModel(
-            built.name,
-            logical,
-            built.version,
-            built.dense,
-            built.runtime,
-            config,
-            built.max_batch_size,
-            built.info,
-            stats,
-            batcher,
-        )
+    async def _set_state(self, logical: str, state: str, reason: str) -> None:
+        """Record a model folder's load state; the server's readiness may follow it."""
+        self._state[logical] = (state, reason)
+        await self._changed(())
 
     async def _swap(self, logical: str, fresh: list[ServedModel]) -> None:
         names = (logical, logical + DENSE_SUFFIX)
@@ -378,8 +207,7 @@ class ModelRepository:
             metrics.forget_ready(logical, "", "none")
         for labels in ready:
             metrics.MODEL_READY.labels(*labels).set(1)
-        for name in names:
-            await self._health(name, name in self._served)
+        await self._changed(names)
         if old:
             retiring = asyncio.create_task(_retire(old), name=f"retire-{logical}")
             self._retiring[logical] = retiring
@@ -406,8 +234,9 @@ class ModelRepository:
             log.info("unload of %r: no such model is loaded; nothing to do", name[:200])
             return
         async with self._locks.setdefault(logical, asyncio.Lock()):
-            await self._swap(logical, [])
+            # Unloaded before the swap, whose change report leads to asking whether all are ready.
             self._state[logical] = ("UNAVAILABLE", "unloaded")
+            await self._swap(logical, [])
             await self._drained(logical)
         log.info("unloaded %s", logical)
 

@@ -213,9 +213,9 @@ class Runtime:
         self.metadata: dict[str, str] = dict(first.get_modelmeta().custom_metadata_map)
         self.buckets: tuple[int, ...] = ()  # batch sizes to pad up to on CUDA (set by the owner)
         # Inputs of any size (a dense twin): ONNX Runtime's CPU arena keeps the largest pass's
-        # peak for good (one 1536x1536 pass: 1.3 GB for the demo's dense twin, 280 MB for
-        # ResNet-18's, above a 384x384 one). A pass well above the recent ones shrinks the arena
-        # as it ends (see _run_options_for). Not every pass: that costs the demo 50 % at 384.
+        # peak for good, so one large image would pin gigabytes. A pass well above the recent
+        # ones shrinks the arena as it ends (see _run_options_for); shrinking after every pass
+        # would cost small passes their speed (docs/benchmarks.md has the figures).
         self._shrink: ort.RunOptions | None = None
         self._recent_peak = 0.0  # the largest recent pass's input elements, fading 5 % a pass
         if dynamic_shapes and not self.on_cuda:
@@ -240,14 +240,14 @@ class Runtime:
         """Switch a tiny CPU model to one intra-op thread when that costs less CPU.
 
         Where a batch takes a fraction of a millisecond, waking another intra-op thread for each
-        operator costs more than it saves (the demo model at batch 1: 27-44 us on one thread;
-        50-69 us, and 60-84 us of CPU, on two). Such a model runs on the event loop, which is
+        operator costs more than it saves (docs/benchmarks.md has the demo model's figures). Such
+        a model runs on the event loop, which is
         then the bottleneck, and every CPU microsecond its threads burn is taken from the gRPC
         threads on a small machine. So when the (warmed-up) samples take under ``below_seconds``
         each on average, one-thread sessions are timed on the same samples and kept unless they
         cost clearly (10 %) more process CPU time: more threads never save CPU, so a near tie is
         noise (a large sample such as batch 32 can make one), and it goes to the thread that
-        leaves the other cores to gRPC; but not when one thread is no longer tiny, or is 1.5x
+        leaves the other cores to gRPC; but not when one thread stops being tiny, or is 1.5x
         slower on the clock. A reload under traffic blurs the timing; either choice gives the same
         answers. True when the runtime switched.
         """
@@ -267,7 +267,7 @@ class Runtime:
         if wall > budget or single_cpu > 1.1 * cpu:
             return False
         if single_wall > budget or single_wall > 1.5 * wall:
-            return False  # cheaper, but no longer tiny, or much slower on the clock
+            return False  # cheaper, but not tiny any more, or much slower on the clock
         self.sessions, self.threads = single, 1
         return True
 

@@ -1,6 +1,8 @@
 """``convserve classify`` and ``convserve models``: the command-line client of Classifier.
 
-Tables for people, ``--json`` for scripts; errors end as one line and a non-zero exit.
+Tables for people, ``--json`` for scripts; errors end as one line and a non-zero exit. gRPC,
+numpy and the stubs are imported when a command runs, so building the ``convserve`` parser
+stays quick.
 """
 
 from __future__ import annotations
@@ -10,13 +12,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
-import numpy as np
+if TYPE_CHECKING:
+    import grpc
 
-from service._generated.convserve.v1 import classifier_pb2 as pb
-from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
+    from service._generated.convserve.v1 import classifier_pb2 as pb
+    from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
 
 __all__ = ["add_commands"]
 
@@ -56,6 +58,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 def _call(method: Any, request: Any, timeout: float) -> Any:
+    import grpc
+
     try:
         return method(request, timeout=timeout)
     except grpc.RpcError as exc:
@@ -63,6 +67,10 @@ def _call(method: Any, request: Any, timeout: float) -> Any:
 
 
 def _stub(server: str) -> tuple[grpc.Channel, pb_grpc.ClassifierStub]:
+    import grpc
+
+    from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
+
     channel = grpc.insecure_channel(
         server,
         options=[
@@ -81,6 +89,8 @@ def _read(path: Path) -> bytes:
 
 
 def _classify(args: argparse.Namespace) -> int:
+    from service._generated.convserve.v1 import classifier_pb2 as pb
+
     channel, stub = _stub(args.server)
     with channel:
         if args.dense:
@@ -114,6 +124,8 @@ def _classify(args: argparse.Namespace) -> int:
 def _dense_one(
     stub: pb_grpc.ClassifierStub, path: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
+    from service._generated.convserve.v1 import classifier_pb2 as pb
+
     request = pb.ClassifyDenseRequest(
         model=args.model,
         image=pb.Image(encoded=_read(path)),
@@ -163,6 +175,7 @@ def write_heatmap(image_bytes: bytes, reply: pb.ClassifyDenseResponse, target: P
     """The winning class's probability per cell, painted over the image at the cells' centres."""
     import io
 
+    import numpy as np
     from PIL import Image
 
     base = Image.open(io.BytesIO(image_bytes)).convert("RGB")
@@ -204,6 +217,8 @@ def _print_tables(documents: Sequence[dict[str, Any]]) -> None:
 
 
 def _models(args: argparse.Namespace) -> int:
+    from service._generated.convserve.v1 import classifier_pb2 as pb
+
     channel, stub = _stub(args.server)
     with channel:
         reply = _call(stub.ListModels, pb.ListModelsRequest(), args.timeout)

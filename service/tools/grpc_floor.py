@@ -1,8 +1,8 @@
 """The gRPC floor: a bare grpc.aio KServe ``ModelInfer`` handler, for ``convserve bench --floor``.
 
-What the issue and DESIGN.md call the scale of the overhead-bound targets: the model run inline
-by ONNX Runtime (the same session options and threads as the server, through :class:`Runtime`)
-behind grpc.aio, with no batching, no validation beyond what numpy needs, no statistics and one
+The scale an overhead-bound model's serving is measured against: the model run inline by ONNX
+Runtime (the same session options and threads as the server, through :class:`Runtime`) behind
+grpc.aio, with no batching, no validation beyond what numpy needs, no statistics and one
 counter. Measured in the same run as ``convserve serve`` on the same machine, it tells what the
 server costs above gRPC Python itself, which is the part the project controls; a shared or
 slower machine moves both.

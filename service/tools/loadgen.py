@@ -24,6 +24,7 @@ import resource
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -159,34 +160,40 @@ async def _call(call: grpc.aio.UnaryUnaryMultiCallable, payload: bytes, phase: _
         phase.answered(started)
 
 
-async def _drive(
-    address: str,
-    method: str,
-    payload: bytes,
-    concurrency: int,
-    duration: float,
-    warmup: float,
-    connections: int = 1,
-    stream: bool = False,
-) -> dict[str, object]:
+@dataclass(frozen=True)
+class _Load:
+    """What to send where, how hard and for how long (the command's flags)."""
+
+    address: str
+    method: str
+    payload: bytes
+    concurrency: int
+    duration: float
+    warmup: float
+    connections: int = 1
+    stream: bool = False
+
+
+async def _drive(load: _Load) -> dict[str, object]:
     """``concurrency`` requests in flight over ``connections`` channels: unary calls, or streams."""
-    count = max(1, min(connections, concurrency))
-    channels = [grpc.aio.insecure_channel(address, options=_OPTIONS) for _ in range(count)]
+    concurrency, payload = load.concurrency, load.payload
+    count = max(1, min(load.connections, concurrency))
+    channels = [grpc.aio.insecure_channel(load.address, options=_OPTIONS) for _ in range(count)]
     try:
-        if stream:  # one stream per channel, the requests in flight shared out over them
-            phase = _Phase(warmup, duration)
+        if load.stream:  # one stream per channel, the requests in flight shared out over them
+            phase = _Phase(load.warmup, load.duration)
             numbers = itertools.count()
             shares = [concurrency // count + (i < concurrency % count) for i in range(count)]
-            load = [
-                _Stream(phase, payload, numbers).run(channel, method, share)
+            work = [
+                _Stream(phase, payload, numbers).run(channel, load.method, share)
                 for channel, share in zip(channels, shares, strict=True)
             ]
         else:
-            calls = [channel.unary_unary(method) for channel in channels]
+            calls = [channel.unary_unary(load.method) for channel in channels]
             await _connect(calls, payload)
-            phase = _Phase(warmup, duration)
-            load = [_call(calls[i % count], payload, phase) for i in range(concurrency)]
-        return await phase.measure(*load)
+            phase = _Phase(load.warmup, load.duration)
+            work = [_call(calls[i % count], payload, phase) for i in range(concurrency)]
+        return await phase.measure(*work)
     finally:
         for channel in channels:
             await channel.close()
@@ -206,18 +213,18 @@ def main() -> int:
         "--stream", action="store_true", help="a bidirectional stream per connection (see above)"
     )
     args = parser.parse_args()
-    payload = args.payload.read_bytes()
+    load = _Load(
+        args.address,
+        args.method,
+        args.payload.read_bytes(),
+        args.concurrency,
+        args.duration,
+        args.warmup,
+        args.connections,
+        args.stream,
+    )
     summary = event_loop.run(
-        lambda: _drive(
-            args.address,
-            args.method,
-            payload,
-            args.concurrency,
-            args.duration,
-            args.warmup,
-            args.connections,
-            args.stream,
-        ),
+        lambda: _drive(load),
         event_loop.loop_factory("auto"),  # the lighter loop leaves more of the cores to the server
     )
     print(json.dumps(summary))

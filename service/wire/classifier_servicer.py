@@ -11,13 +11,12 @@ import numpy as np
 from model_format import DenseGeometry
 from service._generated.convserve.v1 import classifier_pb2 as pb
 from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
-from service.classification.classifier import (
-    Classification,
-    DenseQuery,
-    DenseResult,
-    ImageInput,
-    Labelled,
-)
+from service.classification.api import Classification
+from service.classification.classify_dense import DenseResult
+from service.classification.inputs import ImageInput
+from service.classification.labels import Labelled
+from service.classification.lookup import ModelRef
+from service.classification.plan import DenseQuery
 from service.core.errors import InvalidArgument
 from service.engine.dataplane import Outcome
 from service.wire.codec import checked_frombuffer
@@ -98,7 +97,11 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     ) -> pb.ClassifyResponse:
         inputs = [_image(image, self._max_elements) for image in request.images]
         model, results = await self._classification.classify(
-            request.model, request.version, inputs, request.top_k, deadline_of(context), outcome
+            ModelRef(request.model, request.version),
+            inputs,
+            request.top_k,
+            deadline_of(context),
+            outcome,
         )
         return pb.ClassifyResponse(
             model=model.name,
@@ -120,7 +123,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         )
         image = _image(request.image, self._max_elements)
         result = await self._classification.classify_dense(
-            request.model, request.version, image, query, deadline_of(context), outcome
+            ModelRef(request.model, request.version), image, query, deadline_of(context), outcome
         )
         return _dense_response(result, query)
 

@@ -1,15 +1,19 @@
 """``grpc.health.v1.Health`` for Kubernetes probes: the overall service "" and one per model.
 
-A model's name is SERVING once it is loaded and warm; "" is SERVING once every model is, and
-everything turns NOT_SERVING for good when the server starts draining. Check and Watch come from
+Statuses translate the server's :class:`~service.engine.lifecycle.Lifecycle`: "" is SERVING
+while the server is ready, a served name while that model is ready, and everything turns
+NOT_SERVING for good when the drain begins. A name is known once it was first served (or, for a
+model's ``_dense`` name, once the model was); others are NOT_FOUND. Check and Watch come from
 grpcio-health-checking.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 
 from grpc_health.v1 import health, health_pb2
+
+from service.engine.lifecycle import Lifecycle, Phase
 
 __all__ = ["Health"]
 
@@ -19,31 +23,22 @@ OVERALL = ""
 
 
 class Health:
-    """Keeps the health servicer's statuses in step with the repository."""
+    """Keeps the health servicer's statuses in step with the lifecycle (its listener)."""
 
-    def __init__(self, everything_ready: Callable[[], bool]) -> None:
+    def __init__(self, lifecycle: Lifecycle) -> None:
         self.servicer = health.aio.HealthServicer()
-        self._everything_ready = everything_ready
-        self._started = False
+        self._lifecycle = lifecycle
 
-    async def starting(self) -> None:
-        """Before models load: the overall service is NOT_SERVING."""
-        await self.servicer.set(OVERALL, NOT_SERVING)
+    async def update(self, names: Sequence[str]) -> None:
+        """Set the statuses of ``names`` and of "" from the lifecycle's answers."""
+        if self._lifecycle.phase >= Phase.DRAINING:
+            # NOT_SERVING everywhere, and the servicer ignores every later status.
+            await self.servicer.enter_graceful_shutdown()
+            return
+        for name in names:
+            await self.servicer.set(name, _status(self._lifecycle.model_ready(name)))
+        await self.servicer.set(OVERALL, _status(self._lifecycle.ready()))
 
-    async def model(self, name: str, serving: bool) -> None:
-        """A served name became (un)available; the overall status follows."""
-        await self.servicer.set(name, SERVING if serving else NOT_SERVING)
-        if self._started:
-            await self._overall()
 
-    async def started(self) -> None:
-        """The startup load finished."""
-        self._started = True
-        await self._overall()
-
-    async def _overall(self) -> None:
-        await self.servicer.set(OVERALL, SERVING if self._everything_ready() else NOT_SERVING)
-
-    async def draining(self) -> None:
-        """Shutdown began: NOT_SERVING everywhere, from now on."""
-        await self.servicer.enter_graceful_shutdown()
+def _status(ready: bool) -> object:
+    return SERVING if ready else NOT_SERVING

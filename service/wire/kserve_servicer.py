@@ -57,21 +57,20 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         self._plane = plane
         self._repository = plane.repository
+        self._lifecycle = plane.lifecycle
         self._max_elements = max_elements
         # The other workers (serve --workers): statistics add up, model control is repeated.
         self._siblings = siblings
-        self.loaded = False  # set by the server once the startup load has finished
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Context
     ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self._lifecycle.live())
 
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
-        ready = self.loaded and not self._plane.draining and self._repository.all_ready()
-        return pb.ServerReadyResponse(ready=ready)
+        return pb.ServerReadyResponse(ready=self._lifecycle.ready())
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Context
@@ -79,12 +78,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             if isinstance(request, Undecodable):
                 raise request.error()
-            self._repository.get(request.name, request.version)
-        except ModelNotFound:
-            return pb.ModelReadyResponse(ready=False)
+            ready = self._lifecycle.model_ready(request.name, request.version)
         except InvalidArgument as exc:  # a version that is no number: a client's mistake
             await context.abort(exc.code, exc.message)
-        return pb.ModelReadyResponse(ready=not self._plane.draining)
+        return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
@@ -195,9 +192,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Answers arrive in completion order; an error is reported in-band, per request.
 
-        Each message counts as a KServe request in the metrics (api ``kserve``, as DESIGN's
-        label values have it); at most ``STREAM_IN_FLIGHT`` are answered at once, and as many
-        answers wait unread (see :mod:`service.wire.streams`).
+        Each message counts as a KServe request in the metrics (api ``kserve``); at most
+        ``STREAM_IN_FLIGHT`` are answered at once, and as many answers wait unread (see
+        :mod:`service.wire.streams`).
         """
 
         async def one(message: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:

@@ -47,8 +47,8 @@ def wants_local_only(context: grpc.aio.ServicerContext) -> bool:
 class Siblings:
     """The other workers' sockets.
 
-    Each question opens fresh channels with connections of their own: a Unix socket connects in
-    well under a millisecond, and a kept connection to a sibling that died would sit in
+    Each question opens fresh channels with connections of their own: connecting over a Unix
+    socket costs next to nothing, and a kept connection to a sibling that died would sit in
     reconnect backoff for seconds after its replacement is listening.
     """
 
