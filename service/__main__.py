@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from export.cli import add_commands as add_export_commands
 from export.errors import ExportError
 from service import BUNDLED_REPOSITORY
-from service.core import settings
+from service.core import flags
 from service.core.settings import SettingError
 from service.tools.bench.cli import add_commands as add_bench_commands
 from service.tools.client import ClientError
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a model repository over gRPC (KServe v2), metrics over HTTP",
         description="Every flag also reads an environment variable, shown in brackets.",
     )
-    settings.add_arguments(serve)
+    flags.add_arguments(serve)
     serve.set_defaults(handler=_serve)
     add_client_commands(commands)
     add_bench_commands(commands)
@@ -51,7 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.core import event_loop
     from service.core.logs import configure_logging
 
-    chosen = settings.from_arguments(args)
+    chosen = flags.from_arguments(args)
     try:
         factory = event_loop.loop_factory(chosen.event_loop)
     except ValueError as exc:  # uvloop asked for where it is not installed

@@ -33,7 +33,7 @@ def test_every_setting_has_a_flag_and_an_environment_variable() -> None:
 
 def test_environment_variables_configure_the_server(monkeypatch) -> None:
     from service.__main__ import build_parser
-    from service.core.settings import from_arguments
+    from service.core.flags import from_arguments
 
     monkeypatch.setenv("CONVSERVE_GRPC_PORT", "9123")
     monkeypatch.setenv("CONVSERVE_PREFERRED_BATCH_SIZE", "4,8")

@@ -14,6 +14,8 @@ import logging
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from google.protobuf import descriptor_pool  # type: ignore[import-untyped]
@@ -24,6 +26,7 @@ from service._generated.convserve.v1 import classifier_pb2 as classifier_pb
 from service._generated.convserve.v1 import classifier_pb2_grpc as classifier_grpc
 from service._generated.inference import grpc_service_pb2 as kserve_pb
 from service._generated.inference import grpc_service_pb2_grpc as kserve_grpc
+from service.app.tls import CertificateFiles, TlsError, server_credentials
 from service.app.workers import WorkerRole
 from service.classification.api import Classification
 from service.core.event_loop import describe
@@ -36,6 +39,7 @@ from service.engine.runtime import DeviceChoice, available_cores
 from service.wire.classifier_servicer import ClassifierServicer
 from service.wire.health import Health
 from service.wire.kserve_servicer import KServeServicer
+from service.wire.restrictions import RestrictionInterceptor
 from service.wire.rpc import register
 from service.wire.siblings import Siblings, socket_path
 
@@ -73,6 +77,28 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    reflection.enable_server_reflection(
+        [
+            kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            classifier_pb.DESCRIPTOR.services_by_name["Classifier"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+        pool=_reflection_pool(),
+    )
+
+
+def _security(settings: Settings) -> str:
+    """How the gRPC port is protected, for its "listening" log line."""
+    parts = ["mutual TLS" if settings.grpc_use_ssl_mutual else "TLS" if settings.tls else ""]
+    parts += [f"restricted: {', '.join(sorted(r.groups))}" for r in settings.restrictions]
+    parts += ["" if settings.reflection else "no reflection"]
+    shown = [p for p in parts if p]
+    return f" ({'; '.join(shown)})" if shown else ""
+
+
 async def _watch_supervisor(role: WorkerRole, stop: asyncio.Event) -> None:
     """A worker whose supervisor died (SIGKILL, OOM) drains and exits instead of lingering."""
     while not role.orphaned():
@@ -81,13 +107,34 @@ async def _watch_supervisor(role: WorkerRole, stop: asyncio.Event) -> None:
     stop.set()
 
 
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials for the gRPC port (None: plaintext), re-reading rotated certificates."""
+    if not settings.tls:
+        return None
+    files = CertificateFiles(
+        Path(settings.grpc_server_cert),
+        Path(settings.grpc_server_key),
+        Path(settings.grpc_root_cert) if settings.grpc_use_ssl_mutual else None,
+    )
+    return server_credentials(files, mutual=settings.grpc_use_ssl_mutual)
+
+
 def _listen(server: grpc.aio.Server, settings: Settings, role: WorkerRole | None) -> int:
     """Bind the gRPC port, and a worker's own socket; the port, or 0 (logged) on failure.
 
     The socket is where the other workers reach this one (see :mod:`service.wire.siblings`); a
-    restarted worker finds its predecessor's socket file there.
+    restarted worker finds its predecessor's socket file there. It stays plaintext: only this
+    machine's processes reach a Unix socket.
+
+    Raises:
+        TlsError: a certificate file cannot be read.
     """
-    port = int(server.add_insecure_port(f"{settings.host}:{settings.grpc_port}"))
+    address = f"{settings.host}:{settings.grpc_port}"
+    credentials = _credentials(settings)
+    if credentials is None:
+        port = int(server.add_insecure_port(address))
+    else:
+        port = int(server.add_secure_port(address, credentials))
     if port == 0:
         log.error("cannot listen on %s:%d", settings.host, settings.grpc_port)
         return 0
@@ -98,6 +145,27 @@ def _listen(server: grpc.aio.Server, settings: Settings, role: WorkerRole | None
             log.error("cannot listen on unix:%s", private)
             return 0
     return port
+
+
+async def _start_health_port(
+    settings: Settings, health: Health, role: WorkerRole | None
+) -> grpc.aio.Server | None:
+    """The plaintext listener that serves grpc.health.v1 only, for probes that cannot speak TLS.
+
+    It carries nothing but health statuses, so it weakens neither the TLS of the gRPC port nor
+    its restricted groups; None when ``--health-port`` is -1, or when it cannot bind (logged).
+    """
+    if settings.health_port < 0:
+        return None
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if role else 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+    if port == 0:
+        log.error("cannot listen on %s:%d (--health-port)", settings.host, settings.health_port)
+        return None
+    await server.start()
+    log.info("health listening on %s:%d (plaintext, grpc.health.v1 only)", settings.host, port)
+    return server
 
 
 async def _load_models(
@@ -121,6 +189,112 @@ async def _load_models(
     return await repository.load_all(sorted(ready))
 
 
+@dataclass
+class _Parts:
+    """Everything one server process is built from, composed once by :func:`_build`."""
+
+    settings: Settings
+    role: WorkerRole | None
+    repository: ModelRepository
+    lifecycle: Lifecycle
+    health: Health
+    siblings: Siblings | None
+    server: grpc.aio.Server
+    pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor]  # inference, decoding
+    probes: grpc.aio.Server | None = None  # the plaintext health port, when there is one
+
+
+def _build(settings: Settings, role: WorkerRole | None) -> _Parts:
+    executor = ThreadPoolExecutor(
+        max_workers=max(4, available_cores() * 2), thread_name_prefix="inference"
+    )
+    # The repository reports its changes to the lifecycle, which reads the models' states back.
+    repository = ModelRepository(
+        settings.model_repository,
+        settings,
+        DeviceChoice(settings.device),
+        executor,
+        lambda names: lifecycle.models_changed(names),
+    )
+    lifecycle = Lifecycle(repository)
+    health = Health(lifecycle)
+    plane = DataPlane(repository, lifecycle)
+    headers = [(r.header, r.value) for r in settings.restrictions]
+    siblings = (
+        None if role is None else Siblings(role.folder, role.index, settings.workers, headers)
+    )
+    kserve = KServeServicer(plane, settings.max_tensor_elements, siblings=siblings)
+    decoders = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="decode")
+    classifier = ClassifierServicer(
+        Classification(plane, settings, decoders), settings.max_tensor_elements
+    )
+    interceptors = [RestrictionInterceptor(settings.restrictions)] if headers else []
+    server = grpc.aio.server(options=_grpc_options(settings, role), interceptors=interceptors)
+    register(kserve_grpc.add_GRPCInferenceServiceServicer_to_server, kserve, server)
+    register(classifier_grpc.add_ClassifierServicer_to_server, classifier, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    if settings.reflection:
+        _enable_reflection(server)
+    return _Parts(
+        settings, role, repository, lifecycle, health, siblings, server, (executor, decoders)
+    )
+
+
+async def _open_ports(parts: _Parts) -> bool:
+    """Start the gRPC port and the probes' health port; False (logged) when one cannot open."""
+    settings = parts.settings
+    try:
+        port = _listen(parts.server, settings, parts.role)
+    except TlsError as exc:
+        log.error("cannot serve TLS: %s", exc)
+        return False
+    if port == 0:
+        return False
+    await parts.lifecycle.listen(parts.health.update)  # "" NOT_SERVING until models load
+    await parts.server.start()
+    log.info("grpc listening on %s:%d%s", settings.host, port, _security(settings))
+    parts.probes = await _start_health_port(settings, parts.health, parts.role)
+    if settings.health_port >= 0 and parts.probes is None:
+        await parts.server.stop(0)
+        return False
+    return True
+
+
+async def _load(parts: _Parts) -> int:
+    """Load the models and report ready; a non-zero exit code when the start must stop."""
+    try:
+        failed = await _load_models(parts.repository, parts.role, parts.siblings)
+    except BaseException:
+        await parts.server.stop(0)
+        raise
+    if failed:
+        log.error("models failed to load: %s; shutting down", ", ".join(failed))
+        await parts.server.stop(0)
+        parts.pools[0].shutdown(wait=False, cancel_futures=True)
+        return 1
+    await parts.lifecycle.serving()
+    names = ", ".join(sorted({m.name for m in parts.repository.served()})) or "no models"
+    if parts.role is None:
+        log.info("ready: serving %s", names)
+    else:
+        log.info("worker %d is ready with %s", parts.role.index, names)
+        parts.role.mark_ready()  # after the log line, which the supervisor's "ready" follows
+    return 0
+
+
+async def _drain(parts: _Parts) -> None:
+    grace = parts.settings.drain_grace_seconds
+    log.info("draining: finishing in-flight requests (grace %.1f s)", grace)
+    await parts.lifecycle.draining()  # health NOT_SERVING everywhere, new requests UNAVAILABLE
+    await parts.server.stop(grace)
+    if parts.probes is not None:
+        await parts.probes.stop(0)
+    await parts.repository.close()
+    for pool in parts.pools:
+        pool.shutdown(wait=True)
+    await parts.lifecycle.stopped()
+
+
 async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code.
 
@@ -137,88 +311,24 @@ async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
     watcher: asyncio.Task[None] | None = None
     register_gpu_metrics()
     if role is None:
-        metrics_port = serve_metrics(settings.host, settings.metrics_port)
-        log.info("metrics listening on %s:%d", settings.host, metrics_port)
+        metrics_host = settings.metrics_host or settings.host
+        metrics_port = serve_metrics(metrics_host, settings.metrics_port)
+        log.info("metrics listening on %s:%d", metrics_host, metrics_port)
     else:  # the supervisor serves every worker's metrics
         watcher = loop.create_task(_watch_supervisor(role, stop), name="watch-supervisor")
 
-    executor = ThreadPoolExecutor(
-        max_workers=max(4, available_cores() * 2), thread_name_prefix="inference"
-    )
-    device = DeviceChoice(settings.device)
-    # The repository reports its changes to the lifecycle, which reads the models' states back.
-    repository = ModelRepository(
-        settings.model_repository,
-        settings,
-        device,
-        executor,
-        lambda names: lifecycle.models_changed(names),
-    )
-    lifecycle = Lifecycle(repository)
-    health = Health(lifecycle)
-    plane = DataPlane(repository, lifecycle)
-    siblings = None if role is None else Siblings(role.folder, role.index, settings.workers)
-    kserve = KServeServicer(
-        plane,
-        settings.max_tensor_elements,
-        siblings=siblings,
-    )
-    decoders = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="decode")
-    classifier = ClassifierServicer(
-        Classification(plane, settings, decoders), settings.max_tensor_elements
-    )
-
-    server = grpc.aio.server(options=_grpc_options(settings, role))
-    register(kserve_grpc.add_GRPCInferenceServiceServicer_to_server, kserve, server)
-    register(classifier_grpc.add_ClassifierServicer_to_server, classifier, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    reflection.enable_server_reflection(
-        [
-            kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-            classifier_pb.DESCRIPTOR.services_by_name["Classifier"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-        pool=_reflection_pool(),
-    )
-    port = _listen(server, settings, role)
-    if port == 0:
+    parts = _build(settings, role)
+    if not await _open_ports(parts):
         return 2
-    await lifecycle.listen(health.update)  # "" NOT_SERVING until the models have loaded
-    await server.start()
-    log.info("grpc listening on %s:%d", settings.host, port)
-    try:
-        failed = await _load_models(repository, role, siblings)
-    except BaseException:
-        await server.stop(0)
-        raise
-    if failed:
-        log.error("models failed to load: %s; shutting down", ", ".join(failed))
-        await server.stop(0)
-        executor.shutdown(wait=False, cancel_futures=True)
-        return 1
-    await lifecycle.serving()
-    names = ", ".join(sorted({m.name for m in repository.served()})) or "no models"
-    if role is None:
-        log.info("ready: serving %s", names)
-    else:
-        log.info("worker %d is ready with %s", role.index, names)
-        role.mark_ready()  # after the log line, which the supervisor's "ready" line follows
-
+    code = await _load(parts)
+    if code:
+        return code
     await stop.wait()
     if watcher is not None:
         watcher.cancel()
-    log.info("draining: finishing in-flight requests (grace %.1f s)", settings.drain_grace_seconds)
-    await lifecycle.draining()  # health NOT_SERVING everywhere, new requests UNAVAILABLE
-    await server.stop(settings.drain_grace_seconds)
-    await repository.close()
-    executor.shutdown(wait=True)
-    decoders.shutdown(wait=True)
-    await lifecycle.stopped()
+    await _drain(parts)
     log.info("stopped")
     return 0

@@ -24,6 +24,7 @@ now rather than every model on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -233,6 +234,15 @@ def supervise(settings: Settings) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.grpc_port, exc)
         return 2
+    health_reserved = None
+    if settings.health_port >= 0:  # the probes' plaintext port, shared by the workers alike
+        try:
+            health_reserved, health_port = _reserve_port(settings.host, settings.health_port)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", settings.host, settings.health_port, exc)
+            reserved.close()
+            return 2
+        settings = dataclasses.replace(settings, health_port=health_port)
     folder = Path(tempfile.mkdtemp(prefix="convserve-workers-"))
     try:
         supervisor = _Supervisor(settings, port, folder)
@@ -244,12 +254,15 @@ def supervise(settings: Settings) -> int:
         signal.signal(signal.SIGINT, on_signal)
         registry = multiprocess_registry(supervisor.registry_folder(), supervisor.counts)
         register_gpu_metrics(registry)
-        metrics_port = serve_metrics(settings.host, settings.metrics_port, registry)
-        log.info("metrics listening on %s:%d (all workers)", settings.host, metrics_port)
+        metrics_host = settings.metrics_host or settings.host
+        metrics_port = serve_metrics(metrics_host, settings.metrics_port, registry)
+        log.info("metrics listening on %s:%d (all workers)", metrics_host, metrics_port)
         log.info("grpc listening on %s:%d (%d workers)", settings.host, port, settings.workers)
         code = supervisor.run()
         log.info("stopped")
         return code
     finally:
         reserved.close()
+        if health_reserved is not None:
+            health_reserved.close()
         shutil.rmtree(folder, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Dense evaluation arithmetic: cell counts, shifted copies, interleaving, crops and pooling.
+"""Dense evaluation arithmetic: shifted copies, interleaving, crops and pooling.
 
 Cell ``j`` along an axis of a map with stride divisor ``d`` stands for the crop starting at
 ``offset + j * stride / d``; an input ``W`` wide has ``(W - window) * d // stride + 1`` cells.

@@ -1,13 +1,11 @@
 """Server settings: declared once, typed and defaulted, each a flag and an environment variable.
 
-``--grpc-port`` is also ``CONVSERVE_GRPC_PORT``: prefix, upper case, dashes to underscores. A flag
-on the command line wins over the environment, which wins over the default.
+``--grpc-port`` is also ``CONVSERVE_GRPC_PORT``: prefix, upper case, dashes to underscores. How
+they become flags: :mod:`service.core.flags`.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,11 +15,12 @@ from service.core.event_loop import CHOICES as EVENT_LOOPS
 
 __all__ = [
     "ENV_PREFIX",
+    "RESTRICTED_GROUPS",
+    "Restriction",
     "SettingError",
     "Settings",
-    "add_arguments",
-    "from_arguments",
-    "parse_value",
+    "env_name",
+    "parse_restriction",
 ]
 
 ENV_PREFIX = "CONVSERVE_"
@@ -31,8 +30,59 @@ class SettingError(ValueError):
     """A setting out of its range, or a value it cannot take; the message names the setting."""
 
 
+RESTRICTED_GROUPS = (
+    "health",
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+)
+"""Triton's API group names for ``--grpc-restricted-protocol``."""
+
+
 def _setting(default: Any, help_text: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass(frozen=True)
+class Restriction:
+    """API groups whose calls need header ``triton-grpc-protocol-<key>`` set to ``value``."""
+
+    groups: frozenset[str]
+    key: str
+    value: str
+
+    @property
+    def header(self) -> str:
+        """The request header (gRPC metadata key) a caller must send."""
+        return "triton-grpc-protocol-" + self.key
+
+
+def parse_restriction(text: str) -> Restriction:
+    """``health,metadata:admin-key=secret`` as a :class:`Restriction`.
+
+    Raises:
+        SettingError: the text is not ``<groups>:<key>=<value>`` or names an unknown group.
+    """
+    groups_text, colon, header = text.partition(":")
+    key, equals, value = header.partition("=")
+    if not colon or not equals or not groups_text.strip() or not key.strip():
+        raise SettingError(
+            f"--grpc-restricted-protocol must be <groups>:<key>=<value>, got {text!r}"
+        )
+    groups = frozenset(g.strip() for g in groups_text.split(","))
+    unknown = sorted(groups - set(RESTRICTED_GROUPS))
+    if unknown:
+        raise SettingError(
+            f"--grpc-restricted-protocol names unknown group(s) {', '.join(unknown)}; "
+            f"the groups are {', '.join(RESTRICTED_GROUPS)}"
+        )
+    # gRPC metadata keys travel in lower case
+    return Restriction(groups, key.strip().lower(), value)
 
 
 @dataclass(frozen=True)
@@ -112,6 +162,61 @@ class Settings:
         "asyncio event loop: uvloop, asyncio, or auto (uvloop where installed)",
         choices=EVENT_LOOPS,
     )
+    model_control_mode: str = _setting(
+        "none",
+        "none: every model in the repository loads at start and load/unload requests are "
+        "refused; explicit: load/unload requests are served and --load-model picks what loads "
+        "at start; poll: the repository is watched and its changes applied",
+        choices=("none", "explicit", "poll"),
+    )
+    load_model: tuple[str, ...] = _setting(
+        (),
+        "with --model-control-mode explicit: a model to load at start (repeatable; * loads "
+        "every model; the variable takes a comma-separated list)",
+        separator=",",
+    )
+    exit_on_error: bool = _setting(
+        True,
+        "a model that fails to load at start stops the start with exit 1 (false: serve the rest)",
+    )
+    repository_poll_secs: float = _setting(
+        15.0, "with --model-control-mode poll: seconds between two looks at the repository"
+    )
+    model_load_timeout_seconds: float = _setting(
+        300.0, "a model load that takes longer is abandoned and reported as failed"
+    )
+    allow_model_upload: bool = _setting(
+        False, "accept model files carried by a load request (Triton's file: parameters)"
+    )
+    metrics_host: str = _setting("", "address of the /metrics endpoint (empty: the --host value)")
+    reflection: bool = _setting(True, "gRPC server reflection (what grpcurl list/describe read)")
+    health_port: int = _setting(
+        -1,
+        "a plaintext port that serves grpc.health.v1 only, for Kubernetes probes when the gRPC "
+        "port uses TLS (-1: none; 0 picks a free one)",
+    )
+    grpc_restricted_protocol: tuple[str, ...] = _setting(
+        (),
+        "<groups>:<key>=<value>: calls in these API groups need the request header "
+        "triton-grpc-protocol-<key> set to <value> (repeatable; the variable separates entries "
+        "with ;)",
+        separator=";",
+    )
+    grpc_use_ssl: bool = _setting(
+        False, "TLS on the gRPC port (with --grpc-server-cert and --grpc-server-key)"
+    )
+    grpc_use_ssl_mutual: bool = _setting(
+        False,
+        "mutual TLS on the gRPC port: clients need a certificate that chains to "
+        "--grpc-root-cert (implies --grpc-use-ssl)",
+    )
+    grpc_server_cert: str = _setting(
+        "", "PEM certificate chain of the server (re-read when the file changes)"
+    )
+    grpc_server_key: str = _setting("", "PEM private key of the server (re-read when it changes)")
+    grpc_root_cert: str = _setting(
+        "", "PEM CA bundle that client certificates must chain to (mutual TLS)"
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -135,6 +240,9 @@ class Settings:
             "cpu_threads": self.cpu_threads >= 0,
             "inline_compute_microseconds": self.inline_compute_microseconds >= 0,
             "workers": 1 <= self.workers <= 256,
+            "repository_poll_secs": self.repository_poll_secs > 0,
+            "model_load_timeout_seconds": self.model_load_timeout_seconds > 0,
+            "health_port": -1 <= self.health_port <= 65535,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -148,73 +256,51 @@ class Settings:
             )
         ):
             raise SettingError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        self._check_control_and_tls()
+
+    def _check_control_and_tls(self) -> None:
+        if self.load_model and self.model_control_mode != "explicit":
+            raise SettingError("--load-model requires --model-control-mode explicit")
+        if self.tls:
+            missing = [
+                flag
+                for flag, value in (
+                    ("--grpc-server-cert", self.grpc_server_cert),
+                    ("--grpc-server-key", self.grpc_server_key),
+                    ("--grpc-root-cert", self.grpc_root_cert if self.grpc_use_ssl_mutual else "-"),
+                )
+                if not value
+            ]
+            if missing:
+                raise SettingError(f"TLS on the gRPC port needs {' and '.join(missing)}")
+        for text in self.grpc_restricted_protocol:
+            parse_restriction(text)
+
+    @property
+    def tls(self) -> bool:
+        """Whether the gRPC port speaks TLS (mutual TLS implies it, as in Triton)."""
+        return self.grpc_use_ssl or self.grpc_use_ssl_mutual
+
+    @property
+    def restrictions(self) -> tuple[Restriction, ...]:
+        """The parsed ``--grpc-restricted-protocol`` entries."""
+        return tuple(parse_restriction(text) for text in self.grpc_restricted_protocol)
 
     def environment(self) -> dict[str, str]:
         """Every setting as its environment variable, so a child process rebuilds the same."""
         variables = {}
         for spec in fields(self):
             value = getattr(self, spec.name)
-            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-            variables[_env_name(spec.name)] = text
+            if isinstance(value, tuple):
+                text = spec.metadata.get("separator", ",").join(map(str, value))
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = str(value)
+            variables[env_name(spec.name)] = text
         return variables
 
 
-def _env_name(name: str) -> str:
+def env_name(name: str) -> str:
+    """The environment variable of setting ``name``."""
     return ENV_PREFIX + name.upper()
-
-
-def parse_value(kind: Any, text: str) -> Any:
-    """A setting's value from its environment-variable text (``"4,8"`` for a list)."""
-    if kind in (int, "int"):
-        return int(text)
-    if kind in (float, "float"):
-        return float(text)
-    if kind in (Path, "Path"):
-        return Path(text)
-    if kind in (tuple[int, ...], "tuple[int, ...]"):
-        return tuple(int(v) for v in text.replace(",", " ").split())
-    return text
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting, defaulting to its environment variable, then its default.
-
-    Raises:
-        SettingError: an environment variable's text is not a value of its setting.
-    """
-    for spec in fields(Settings):
-        env = _env_name(spec.name)
-        default = spec.default
-        if env in os.environ:
-            try:
-                default = parse_value(spec.type, os.environ[env])
-            except ValueError:
-                raise SettingError(
-                    f"invalid setting {spec.name} from {env}={os.environ[env]!r}"
-                ) from None
-        options: dict[str, Any] = {
-            "default": default,
-            "dest": spec.name,
-            "help": f"{spec.metadata['help']} [{env}; default: {_shown(spec.default)}]",
-        }
-        if "choices" in spec.metadata:
-            options["choices"] = spec.metadata["choices"]
-        if spec.metadata.get("nargs"):
-            options["nargs"] = spec.metadata["nargs"]
-            options["type"] = int
-        elif spec.type not in (str, "str"):
-            options["type"] = lambda text, kind=spec.type: parse_value(kind, text)
-        parser.add_argument("--" + spec.name.replace("_", "-"), **options)
-
-
-def _shown(default: object) -> str:
-    """A default as --help shows it (argparse would read a bare % as a format)."""
-    text = (" ".join(map(str, default)) or "none") if isinstance(default, tuple) else str(default)
-    return text.replace("%", "%%")
-
-
-def from_arguments(args: argparse.Namespace) -> Settings:
-    """Settings from parsed flags (see :func:`add_arguments`)."""
-    values = {spec.name: getattr(args, spec.name) for spec in fields(Settings)}
-    values["preferred_batch_size"] = tuple(values["preferred_batch_size"])
-    return Settings(**values)

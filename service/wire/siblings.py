@@ -15,6 +15,7 @@ A client may send the same mark to confine a call to the worker holding its conn
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -52,10 +53,14 @@ class Siblings:
     reconnect backoff for seconds after its replacement is listening.
     """
 
-    def __init__(self, folder: Path, own: int, workers: int) -> None:
+    def __init__(
+        self, folder: Path, own: int, workers: int, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
         self._sockets = {
             index: socket_path(folder, index) for index in range(workers) if index != own
         }
+        # The restricted API groups' headers: a sibling is asked as a trusted caller.
+        self._metadata = (LOCAL_ONLY, *headers)
 
     async def _ask(
         self, method: str, request: object, timeout: float | None
@@ -69,7 +74,7 @@ class Siblings:
             answers = await asyncio.gather(
                 *(
                     getattr(pb_grpc.GRPCInferenceServiceStub(channel), method)(  # type: ignore[no-untyped-call]
-                        request, metadata=(LOCAL_ONLY,), timeout=timeout
+                        request, metadata=self._metadata, timeout=timeout
                     )
                     for channel in channels.values()
                 ),

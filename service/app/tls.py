@@ -1,0 +1,111 @@
+"""TLS and mutual TLS for the gRPC port, with certificates re-read when their files change.
+
+cert-manager and Kubernetes secret updates rotate certificates in place: the mounted files are
+replaced while the pod runs. gRPC asks :meth:`CertificateFiles.fetch` before every new
+connection's handshake; it compares the files' identity (inode, size, modification time) with
+what it last read and re-reads them only when one changed, so the next connection gets the new
+certificate while connections in flight keep theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+__all__ = ["CertificateFiles", "TlsError", "server_credentials"]
+
+log = logging.getLogger(__name__)
+
+
+class TlsError(Exception):
+    """The TLS settings cannot be used: a file is missing or unreadable, or a pair is incomplete."""
+
+
+@dataclass(frozen=True)
+class _Identity:
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+class CertificateFiles:
+    """The server's key and certificate chain, and the CA that signs client certificates.
+
+    Args:
+        cert: PEM certificate chain of the server.
+        key: PEM private key of the server.
+        root: PEM CA bundle that client certificates must chain to (mutual TLS), or None.
+    """
+
+    def __init__(self, cert: Path, key: Path, root: Path | None) -> None:
+        self._paths = tuple(p for p in (cert, key, root) if p is not None)
+        self._lock = threading.Lock()
+        self._seen = self._identities()
+        self._config = self._read()
+
+    @property
+    def initial(self) -> grpc.ServerCertificateConfiguration:
+        """The configuration read at start."""
+        return self._config
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """A new configuration when a file changed since the last read, else None (no change).
+
+        A file caught half-written (a key without its certificate, unreadable PEM) is logged and
+        the served certificate kept; the next connection tries again.
+        """
+        with self._lock:
+            try:
+                now = self._identities()
+            except TlsError as exc:
+                log.warning("TLS files unreadable, keeping the served certificate: %s", exc)
+                return None
+            if now == self._seen:
+                return None
+            try:
+                config = self._read()
+            except TlsError as exc:
+                log.warning("TLS files changed but cannot be used yet: %s", exc)
+                return None
+            self._seen, self._config = now, config
+            log.info("TLS certificate files changed; new connections get the new certificate")
+            return config
+
+    def _identities(self) -> tuple[_Identity, ...]:
+        try:
+            stats = [os.stat(p) for p in self._paths]
+        except OSError as exc:
+            raise TlsError(f"cannot read '{exc.filename}': {exc.strerror}") from exc
+        return tuple(_Identity(s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+    def _read(self) -> grpc.ServerCertificateConfiguration:
+        contents = []
+        for path in self._paths:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise TlsError(f"cannot read '{path}': {exc.strerror}") from exc
+            if b"-----BEGIN" not in data:
+                raise TlsError(f"'{path}' holds no PEM data")
+            contents.append(data)
+        cert, key, *root = contents
+        return grpc.ssl_server_certificate_configuration(
+            [(key, cert)], root_certificates=root[0] if root else None
+        )
+
+
+def server_credentials(files: CertificateFiles, mutual: bool) -> grpc.ServerCredentials:
+    """Credentials that serve ``files`` and pick up their rotation on the next connection.
+
+    Args:
+        files: the certificate files.
+        mutual: require a client certificate that chains to ``files``' root CA.
+    """
+    return grpc.dynamic_ssl_server_credentials(
+        files.initial, files.fetch, require_client_authentication=mutual
+    )
