@@ -93,18 +93,25 @@ class DeviceChoice:
     really run on CUDA; ``cuda``/``cuda:N`` fail loudly instead of falling back.
     """
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, driver: Path | None = None) -> None:
         self.requested = device
         self.device_id = int(device.split(":")[1]) if device.startswith("cuda:") else 0
         self._use_cuda: bool | None = None if device != "cpu" else False
         self._lock = threading.Lock()
         if self._use_cuda is None and "CUDAExecutionProvider" not in ort.get_available_providers():
             self._fallback("this onnxruntime build has no CUDA execution provider")
+        elif self._use_cuda is None and not nvidia_driver_present(driver or NVIDIA_DRIVER):
+            # Trying CUDA without a driver prints pages of library errors that look like a
+            # failure; a machine without one is an ordinary CPU machine.
+            self._fallback("no NVIDIA driver on this machine", expected=True)
 
-    def _fallback(self, reason: str) -> None:
+    def _fallback(self, reason: str, expected: bool = False) -> None:
         if self.requested != "auto":
             raise RuntimeError(f"--device {self.requested}: {reason}")
-        log.warning("CUDA not used (%s); running every model on the CPU", reason)
+        if expected:
+            log.info("running every model on the CPU (%s)", reason)
+        else:
+            log.warning("CUDA not used (%s); running every model on the CPU", reason)
         self._use_cuda = False
 
     def session(
@@ -133,6 +140,15 @@ class DeviceChoice:
                     "CUDA 13 / cuDNN 9 libraries failed to load"
                 )
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
+"""What the NVIDIA kernel driver creates when it is loaded (containers given a GPU see it too)."""
+
+
+def nvidia_driver_present(driver: Path = NVIDIA_DRIVER) -> bool:
+    """Whether an NVIDIA driver is loaded here: its /proc entry or a /dev/nvidiaN device."""
+    return driver.exists() or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def _preload_cuda_libraries() -> None:
