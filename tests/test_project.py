@@ -87,3 +87,14 @@ def test_every_path_the_architecture_names_exists() -> None:
         assert len(named) > 5 or doc == "README.md", doc
         missing = sorted(p for p in named if not (ROOT / p).exists())
         assert not missing, f"{doc} names paths that do not exist: {missing}"
+
+
+def test_the_configuration_page_lists_every_setting() -> None:
+    from service.tools.configuration_table import DOC, render
+
+    page = DOC.read_text()
+    assert page == render(), (
+        "docs/configuration.md is stale: python -m service.tools.configuration_table"
+    )
+    assert "`--grpc-use-ssl`, `--grpc-use-ssl=true\\|false`, `--no-grpc-use-ssl`" in page
+    assert "`CONVSERVE_DRAIN_GRACE_SECONDS`" in page
