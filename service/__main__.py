@@ -8,6 +8,7 @@ stay quick and need neither ONNX Runtime nor torch.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import traceback
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="serve a model repository over gRPC (KServe v2), metrics over HTTP",
+        usage="convserve serve [options] (every option: convserve serve --help)",
         description="Every flag also reads an environment variable, shown in brackets.",
     )
     flags.add_arguments(serve)
@@ -63,6 +65,31 @@ def _serve(args: argparse.Namespace) -> int:
     return event_loop.run(lambda: run_server(chosen, role), factory)
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, answering an unknown flag with its command's usage and the closest valid flag.
+
+    argparse reports a subcommand's unknown flag from the top-level parser, whose usage does
+    not list the subcommand's flags.
+    """
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = _subparsers(parser).get(getattr(args, "command", ""), parser)
+        flags = [o for action in command._actions for o in action.option_strings]
+        hints = []
+        for word in unknown:
+            close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.6)
+            hints.append(f"{word} (did you mean {close[0]}?)" if close else word)
+        command.error(f"unrecognized arguments: {' '.join(hints)}")
+    return args
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; errors end as one line on stderr and a non-zero exit, no traceback.
 
@@ -73,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingError as exc:  # an environment variable no setting can take
         print(f"convserve: error: {exc}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     try:
         code = args.handler(args)
     except (SettingError, ExportError, ClientError) as exc:

@@ -16,16 +16,20 @@ import jsonschema
 import pytest
 import yaml
 
-from service.core.settings import ENV_PREFIX, Settings, parse_value
+from service.core.flags import parse_value
+from service.core.settings import ENV_PREFIX, Settings
 from service.wire.health import OVERALL
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 BIN = Path(sys.executable).parent
-OVERLAYS = ["cpu", "gpu"]
-CUSTOM_GROUPS = ("monitoring.coreos.com",)
+OVERLAYS = ["cpu", "gpu", "tls"]
+CUSTOM_GROUPS = {  # custom resources: the npm package with their schemas
+    "monitoring.coreos.com": "@kubernetes-models/prometheus-operator",
+    "cert-manager.io": "@kubernetes-models/cert-manager",
+}
 NODE_MODULES = Path(os.environ.get("CONVSERVE_NODE_MODULES", ROOT / ".ci" / "npm" / "node_modules"))
-CRD = ROOT.parent / "shared" / "crds" / "serving.kserve.io_inferenceservices.yaml"
+CRD = ROOT / "tests" / "schemas" / "serving.kserve.io_inferenceservices.yaml"
 
 
 def needed(present: bool, what: str) -> None:
@@ -63,10 +67,28 @@ def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [o for o in objects if o["kind"] == kind]
 
 
-def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+def pod(objects: list[dict[str, Any]]) -> dict[str, Any]:
     [deployment] = by_kind(objects, "Deployment")
-    return next(
-        c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "convserve"
+    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return spec
+
+
+def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(c for c in pod(objects)["containers"] if c["name"] == "convserve")
+
+
+def env_of(main: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in main["env"]}
+
+
+def validate_custom(objects: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["node", str(ROOT / "tests" / "validate_custom_resources.mjs"), str(NODE_MODULES)],
+        input=json.dumps(objects),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -122,9 +144,15 @@ def test_overlay_passes_kubernetes_validate_strict(overlay: str, tmp_path: Path)
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
         "ConfigMap",
+        "NetworkPolicy",
+        "ServiceAccount",
     }
+    kubernetes_validate(builtin, tmp_path)
+
+
+def kubernetes_validate(objects: list[dict[str, Any]], tmp_path: Path) -> None:
     path = tmp_path / "rendered.yaml"
-    path.write_text(yaml.safe_dump_all(builtin))
+    path.write_text(yaml.safe_dump_all(objects))
     result = subprocess.run(
         [tool("kubernetes-validate"), "--strict", str(path)],
         capture_output=True,
@@ -133,46 +161,55 @@ def test_overlay_passes_kubernetes_validate_strict(overlay: str, tmp_path: Path)
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("passed") == len(builtin)
+    assert result.stdout.count("passed") == len(objects)
+
+
+def node_and_schemas() -> None:
+    needed(shutil.which("node") is not None, "Node.js (node)")
+    for package in CUSTOM_GROUPS.values():
+        needed((NODE_MODULES / package).is_dir(), f"npm package {package} in {NODE_MODULES}")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_prometheus_operator_resources_match_their_schemas(overlay: str) -> None:
-    needed(shutil.which("node") is not None, "Node.js (node)")
-    needed(
-        (NODE_MODULES / "@kubernetes-models" / "prometheus-operator").is_dir(),
-        f"npm package @kubernetes-models/prometheus-operator in {NODE_MODULES}",
-    )
+def test_custom_resources_match_their_schemas(overlay: str) -> None:
+    node_and_schemas()
     custom = [o for o in render(overlay) if o["apiVersion"].split("/")[0] in CUSTOM_GROUPS]
-    assert sorted(o["kind"] for o in custom) == ["PrometheusRule", "ServiceMonitor"]
-    result = subprocess.run(
-        ["node", str(ROOT / "tests" / "validate_prometheus_operator.mjs"), str(NODE_MODULES)],
-        input=json.dumps(custom),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    expected = ["PrometheusRule", "ServiceMonitor"] + (["Certificate"] if overlay == "tls" else [])
+    assert sorted(o["kind"] for o in custom) == sorted(expected)
+    result = validate_custom(custom)
     assert result.returncode == 0, result.stdout + result.stderr
-    broken = json.loads(json.dumps(custom))
-    broken[0]["spec"] = (
-        {"nonsense": True}
-        if broken[0]["kind"] == "ServiceMonitor"
-        else {"groups": [{"rules": "not a list"}]}
-    )
-    rejected = subprocess.run(
-        ["node", str(ROOT / "tests" / "validate_prometheus_operator.mjs"), str(NODE_MODULES)],
-        input=json.dumps(broken),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert rejected.returncode == 1  # the validator can fail
+    assert result.stdout.count("valid ") == len(custom)
+    broken_specs = {
+        "ServiceMonitor": {"nonsense": True},
+        "PrometheusRule": {"groups": [{"rules": "not a list"}]},
+        "Certificate": {"secretName": "convserve-tls"},  # no issuerRef
+    }
+    broken = [{**o, "spec": broken_specs[o["kind"]]} for o in custom]
+    rejected = validate_custom(broken)
+    assert rejected.returncode == 1  # the validator can fail, for each kind
+    assert rejected.stderr.count("invalid ") == len(broken), rejected.stdout + rejected.stderr
+
+
+def test_readme_examples_match_their_schemas(tmp_path: Path) -> None:
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "deploy" / "README.md").read_text(), re.S)
+    documents = [
+        d
+        for b in blocks
+        for d in yaml.safe_load_all(b)
+        if isinstance(d, dict) and "apiVersion" in d
+    ]
+    custom = [d for d in documents if d["apiVersion"].split("/")[0] in CUSTOM_GROUPS]
+    assert sorted(d["kind"] for d in custom) == ["Certificate"] * 2 + ["Issuer"] * 2
+    builtin = [d for d in documents if d not in custom]
+    assert [d["kind"] for d in builtin] == ["NetworkPolicy"]  # the egress lock
+    kubernetes_validate(builtin, tmp_path)
+    node_and_schemas()
+    result = validate_custom(custom)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_inference_service_matches_the_kserve_crd() -> None:
-    needed(CRD.is_file(), f"KServe's CRD at {CRD} (the team's shared/ folder beside the clone)")
+    needed(CRD.is_file(), f"KServe's CRD at {CRD}")
     crd = yaml.safe_load(CRD.read_text())
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")["schema"][
         "openAPIV3Schema"
@@ -204,18 +241,22 @@ def check_env(env: dict[str, str]) -> None:
 def test_manifests_agree_with_the_server(overlay: str) -> None:
     objects = render(overlay)
     main = container(objects)
-    env = {e["name"]: e["value"] for e in main["env"]}
+    env = env_of(main)
     check_env(env)
     assert main["args"] == ["serve"]
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+    health = int(env.get("CONVSERVE_HEALTH_PORT", "-1"))
     assert ports == {
         "grpc": int(env["CONVSERVE_GRPC_PORT"]),
         "metrics": int(env["CONVSERVE_METRICS_PORT"]),
+        **({"health": health} if health > 0 else {}),
     }
+    # Under TLS the kubelet cannot pass the handshake: probes go to the plaintext health port.
+    probed = ports["health"] if env.get("CONVSERVE_GRPC_USE_SSL") == "true" else ports["grpc"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert main[probe]["grpc"]["port"] == ports["grpc"], probe
+        assert main[probe]["grpc"]["port"] == probed, probe
         assert main[probe]["grpc"]["service"] == OVERALL, probe
-    spec = by_kind(objects, "Deployment")[0]["spec"]["template"]["spec"]
+    spec = pod(objects)
     pre_stop = main["lifecycle"]["preStop"]["sleep"]["seconds"]
     drain = float(env["CONVSERVE_DRAIN_GRACE_SECONDS"])
     assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain
@@ -240,6 +281,78 @@ def test_manifests_agree_with_the_server(overlay: str) -> None:
     gpu = main["resources"]["limits"].get("nvidia.com/gpu")
     assert (gpu == "1") == (overlay == "gpu")
     assert env["CONVSERVE_DEVICE"] == ("cuda" if overlay == "gpu" else "cpu")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_carry_no_service_account_token(overlay: str) -> None:
+    objects = render(overlay)
+    spec = pod(objects)
+    assert spec["automountServiceAccountToken"] is False
+    [account] = by_kind(objects, "ServiceAccount")
+    assert spec["serviceAccountName"] == account["metadata"]["name"]
+    assert account["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_sets_the_model_control_mode(overlay: str) -> None:
+    # The base leaves it out, so each overlay states its own choice (tls takes cpu's).
+    assert "CONVSERVE_MODEL_CONTROL_MODE" not in (K8S / "base" / "deployment.yaml").read_text()
+    assert env_of(container(render(overlay)))["CONVSERVE_MODEL_CONTROL_MODE"] == "none"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_admits_clients_and_monitoring_only(overlay: str) -> None:
+    objects = render(overlay)
+    [policy] = by_kind(objects, "NetworkPolicy")
+    labels = by_kind(objects, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    sources: dict[int, list[dict[str, Any]]] = {}
+    for rule in policy["spec"]["ingress"]:
+        assert rule["ports"], "a rule without ports admits every port"
+        for port in rule["ports"]:
+            assert port["protocol"] == "TCP" and port["port"] not in sources
+            sources[port["port"]] = rule.get("from", [])
+    ports = {p["name"]: p["containerPort"] for p in container(objects)["ports"]}
+    assert set(sources) == set(ports.values())
+    assert sources[ports["grpc"]] == [
+        {"podSelector": {}},
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"convserve.io/client": "true"}}},
+    ]
+    monitoring = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    assert sources[ports["metrics"]] == [{"namespaceSelector": monitoring}]
+    if "health" in ports:  # the kubelet probes from the node: no selector can name it
+        assert sources[ports["health"]] == []
+
+
+def test_tls_overlay_serves_the_certificate_that_cert_manager_issues() -> None:
+    objects = render("tls")
+    main, spec = container(objects), pod(objects)
+    env = env_of(main)
+    assert env["CONVSERVE_GRPC_USE_SSL"] == env["CONVSERVE_GRPC_USE_SSL_MUTUAL"] == "true"
+    [certificate] = by_kind(objects, "Certificate")
+    [volume] = [v for v in spec["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == certificate["spec"]["secretName"]
+    assert volume["secret"]["defaultMode"] == 0o440
+    [mount] = [m for m in main["volumeMounts"] if m["name"] == volume["name"]]
+    # A subPath mount is never updated, so a renewed certificate would not reach the server.
+    assert mount["readOnly"] and "subPath" not in mount
+    folder = mount["mountPath"]
+    assert env["CONVSERVE_GRPC_SERVER_CERT"] == f"{folder}/tls.crt"
+    assert env["CONVSERVE_GRPC_SERVER_KEY"] == f"{folder}/tls.key"
+    assert env["CONVSERVE_GRPC_ROOT_CERT"] == f"{folder}/ca.crt"
+    assert certificate["spec"]["issuerRef"]["name"]
+    assert "server auth" in certificate["spec"]["usages"]
+    grpc_port = int(env["CONVSERVE_GRPC_PORT"])
+    for service in by_kind(objects, "Service"):
+        assert service["metadata"]["name"] in certificate["spec"]["dnsNames"]
+        protocols = {p["port"]: p.get("appProtocol") for p in service["spec"]["ports"]}
+        assert protocols[grpc_port] == "https"
+    for overlay in ("cpu", "gpu"):
+        for service in by_kind(render(overlay), "Service"):
+            protocols = {p["port"]: p.get("appProtocol") for p in service["spec"]["ports"]}
+            assert protocols[grpc_port] == "kubernetes.io/h2c"
 
 
 def test_generated_rule_and_dashboard_manifests_are_current() -> None:

@@ -24,7 +24,9 @@ def test_every_setting_has_a_flag_and_an_environment_variable() -> None:
 
     parser = build_parser()
     serve = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
-    helps = {a.dest: a.help for a in serve._actions}
+    helps: dict[str, str] = {}
+    for action in serve._actions:  # a boolean's --no-x shares its dest: the flag's own help
+        helps.setdefault(action.dest, action.help or "")
     for name in Settings.__dataclass_fields__:
         assert f"[CONVSERVE_{name.upper()}; default: " in helps[name], name
     assert helps["drain_grace_seconds"].endswith("default: 20.0]")
@@ -196,7 +198,7 @@ def test_a_failed_load_leaves_no_stale_not_ready_series(tmp_path: Path) -> None:
     """Load a broken model over gRPC (gauge 0, provider "none"), mend it, load again: ready 1."""
     shutil.copytree(BUNDLED_REPOSITORY / "digits", tmp_path / "digits")
     with (
-        ServerProcess(tmp_path) as server,
+        ServerProcess(tmp_path, "--model-control-mode", "explicit", "--load-model", "*") as server,
         triton.InferenceServerClient(server.grpc_address) as client,
     ):
         (tmp_path / "late" / "1").mkdir(parents=True)
