@@ -70,8 +70,8 @@ def _heat(plane: np.ndarray, layout: CellLayout, size: tuple[int, int]) -> np.nd
     """
     rows = _nearest_cell(layout.rows, layout.window[0], size[0])
     columns = _nearest_cell(layout.columns, layout.window[1], size[1])
-    heat = plane[np.clip(rows, 0, None)[:, None], np.clip(columns, 0, None)[None, :]]
-    heat = heat.astype(np.float64)
+    picked = plane[np.clip(rows, 0, None)[:, None], np.clip(columns, 0, None)[None, :]]
+    heat: np.ndarray = picked.astype(np.float64)
     heat[(rows < 0)[:, None] | (columns < 0)[None, :]] = np.nan
     return heat
 
