@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ExportError
+from .summaries import dense_agreement, uneven_summary
 
 if TYPE_CHECKING:
     from .model_entry import ExportReport
@@ -120,8 +121,8 @@ def _read_labels(path: Path | None) -> tuple[str, ...] | None:
 def _print_report(report: ExportReport) -> None:
     print(f"wrote {report.model_path} ({report.classes} classes)")
     print(f"  parity, ONNX Runtime vs PyTorch: max abs diff {report.parity_max_abs_diff:.3g}")
-    for line in report.uneven:
-        print(f"  uneven: {line}")
+    if report.uneven:
+        print(f"  {uneven_summary(len(report.uneven), str(report.model_path))}")
     if report.dense_path is None or report.geometry is None or report.check is None:
         print(f"done in {report.seconds:.1f} s")
         return
@@ -139,12 +140,10 @@ def _print_report(report: ExportReport) -> None:
         f"  geometry: stride {list(g.stride)}, window {list(g.window)}, offset "
         f"{list(g.offset)}, receptive field {g.receptive_field and list(g.receptive_field)}"
     )
-    kind = "exact (padding-free)" if g.exact else "approximate (padding or global pooling)"
     print(
-        f"  dense vs crop-by-crop over {c.cells} cells at {[list(s) for s in c.sizes]}: "
-        f"{kind}, max abs deviation {c.max_abs_dev:.3g} (largest score {c.max_abs_score:.3g}), "
-        f"top-1 agreement "
-        f"{c.top1_agreement:.1%}"
+        f"  dense vs crop-by-crop over {c.cells} cells at {[list(s) for s in c.sizes]} "
+        f"(largest score {c.max_abs_score:.3g}): "
+        + dense_agreement(g.exact, c.max_abs_dev, c.top1_agreement)
     )
     print(f"done in {report.seconds:.1f} s")
 

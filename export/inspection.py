@@ -16,6 +16,7 @@ from model_format import DENSE, INPUT, read_documents
 
 from .errors import ExportError
 from .geometry import GraphGeometry, analyse
+from .summaries import dense_agreement
 
 __all__ = ["BATCH_SIZES", "inspect_file", "render"]
 
@@ -99,12 +100,14 @@ def render(
     dense = metadata.get(DENSE)
     lines.append("")
     if isinstance(dense, dict):
-        kind = "exact" if dense.get("exact") else "approximate"
         lines.append(
             f"dense geometry: stride {dense.get('stride')}, window {dense.get('window')}, "
             f"offset {dense.get('offset')}, receptive field {dense.get('receptive_field')}; "
-            f"{kind} (max abs deviation from crops {dense.get('max_abs_dev')}, "
-            f"top-1 agreement {dense.get('top1_agreement')})"
+            + dense_agreement(
+                bool(dense.get("exact")),
+                float(dense.get("max_abs_dev", "nan")),
+                float(dense.get("top1_agreement", "nan")),
+            )
         )
     else:
         lines.append(

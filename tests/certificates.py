@@ -21,6 +21,7 @@ class Issued:
     key: Path
 
     def read(self) -> tuple[bytes, bytes]:
+        """The certificate's and the key's PEM bytes."""
         return self.cert.read_bytes(), self.key.read_bytes()
 
 
@@ -65,8 +66,12 @@ class Authority:
         )
         return issued
 
-    def serial_of(self, pem: bytes) -> int:
-        return x509.load_pem_x509_certificate(pem).serial_number
+
+def serial_of(certificate: bytes) -> int:
+    """The serial number of a PEM or DER certificate."""
+    if certificate.startswith(b"-----BEGIN"):
+        return x509.load_pem_x509_certificate(certificate).serial_number
+    return x509.load_der_x509_certificate(certificate).serial_number
 
 
 def _builder(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,8 @@ class CertificateFiles:
                 return None
             try:
                 config = self._read()
+                if self._identities() != now:  # written to while read: the next look reads it
+                    return None
             except TlsError as exc:
                 log.warning("TLS files changed but cannot be used yet: %s", exc)
                 return None
@@ -94,9 +97,26 @@ class CertificateFiles:
                 raise TlsError(f"'{path}' holds no PEM data")
             contents.append(data)
         cert, key, *root = contents
+        _check_pair(self._paths[0], self._paths[1])
         return grpc.ssl_server_certificate_configuration(
             [(key, cert)], root_certificates=root[0] if root else None
         )
+
+
+def _check_pair(cert: Path, key: Path) -> None:
+    """Raise TlsError unless ``key`` is the private key of ``cert``'s first certificate.
+
+    gRPC takes any pair and fails each handshake with it: a rotation that has replaced the
+    certificate but not yet its key must keep the served pair instead.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # An encrypted key gets an empty password and fails here, as it would in gRPC.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise TlsError(f"'{key}' is not the private key of '{cert}' ({exc.reason})") from exc
+    except OSError as exc:
+        raise TlsError(f"cannot read '{exc.filename}': {exc.strerror}") from exc
 
 
 def server_credentials(files: CertificateFiles, mutual: bool) -> grpc.ServerCredentials:

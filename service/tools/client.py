@@ -3,14 +3,22 @@
 Tables for people, ``--json`` for scripts; errors end as one line and a non-zero exit. gRPC,
 numpy and the stubs are imported when a command runs, so building the ``convserve`` parser
 stays quick.
+
+A server with ``--grpc-use-ssl`` is reached with ``--tls-ca`` (the CA that signed its certificate),
+one with ``--grpc-use-ssl-mutual`` with ``--tls-cert`` and ``--tls-key`` as well; any ``--tls-*``
+flag turns TLS on (without ``--tls-ca`` the system's CAs verify the server). ``--header`` sends a
+request header on every call, such as the ``triton-grpc-protocol-<key>=<value>`` that a server's
+``--grpc-restricted-protocol`` asks for.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +31,9 @@ if TYPE_CHECKING:
 __all__ = ["add_commands"]
 
 DEFAULT_SERVER = "localhost:8001"
+# gRPC metadata keys are lower case; "-bin" keys carry bytes, which a command line cannot give.
+_HEADER_KEY = re.compile(r"[0-9a-z_.-]+")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]*")
 
 
 class ClientError(Exception):
@@ -33,7 +44,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     """Register ``classify`` and ``models``."""
     classify = commands.add_parser("classify", help="classify images with a running server")
     classify.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    classify.add_argument("--server", default=DEFAULT_SERVER, metavar="HOST:PORT")
+    _add_connection(classify)
     classify.add_argument("--model", default="", help="may be omitted when one model is served")
     classify.add_argument("--top-k", type=int, default=5)
     classify.add_argument("--dense", action="store_true", help="evaluate the class-score map")
@@ -51,34 +62,116 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     classify.add_argument("--json", action="store_true")
     classify.set_defaults(handler=_classify)
     models = commands.add_parser("models", help="list the models a server serves")
-    models.add_argument("--server", default=DEFAULT_SERVER, metavar="HOST:PORT")
+    _add_connection(models)
     models.add_argument("--timeout", type=float, default=30.0)
     models.add_argument("--json", action="store_true")
     models.set_defaults(handler=_models)
 
 
-def _call(method: Any, request: Any, timeout: float) -> Any:
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    """The flags that say where the server is and how to reach it."""
+    parser.add_argument("--server", default=DEFAULT_SERVER, metavar="HOST:PORT")
+    parser.add_argument(
+        "--tls-ca", type=Path, metavar="FILE", help="TLS: PEM CA bundle that verifies the server"
+    )
+    parser.add_argument(
+        "--tls-cert", type=Path, metavar="FILE", help="mutual TLS: PEM client certificate chain"
+    )
+    parser.add_argument(
+        "--tls-key", type=Path, metavar="FILE", help="mutual TLS: PEM key of --tls-cert"
+    )
+    parser.add_argument(
+        "--header",
+        type=_header,
+        action="append",
+        default=[],
+        dest="headers",
+        metavar="KEY=VALUE",
+        help="request header sent on every call (repeatable), "
+        "e.g. triton-grpc-protocol-admin=secret",
+    )
+
+
+def _header(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` as gRPC metadata: the key in lower case, the value as given.
+
+    Raises:
+        argparse.ArgumentTypeError: no ``=``, an empty key, or characters gRPC cannot send.
+    """
+    key, equals, value = text.partition("=")
+    key = key.strip().lower()
+    if not equals or not _HEADER_KEY.fullmatch(key):
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE with a key of letters, digits, '-', '_' or '.', got {text!r}"
+        )
+    if key.endswith("-bin") or key.startswith("grpc-"):
+        raise argparse.ArgumentTypeError(f"header {key!r} cannot be sent as text")
+    if not _HEADER_VALUE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"header {key!r}: the value must be printable ASCII")
+    return key, value
+
+
+@dataclass(frozen=True)
+class _Connection:
+    """A channel to the server, its Classifier stub, and what every call carries."""
+
+    channel: grpc.Channel
+    stub: pb_grpc.ClassifierStub
+    metadata: tuple[tuple[str, str], ...]
+    timeout: float
+
+    def call(self, method: str, request: Any) -> Any:
+        """Call the stub's ``method``; a failure becomes a :class:`ClientError`."""
+        import grpc
+
+        try:
+            return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise ClientError(f"{exc.code().name}: {exc.details()}") from None
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials when a ``--tls-*`` flag is given, else None (plaintext)."""
     import grpc
 
-    try:
-        return method(request, timeout=timeout)
-    except grpc.RpcError as exc:
-        raise ClientError(f"{exc.code().name}: {exc.details()}") from None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ClientError("--tls-cert and --tls-key go together")
+    if args.tls_ca is None and args.tls_cert is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(args.tls_ca),
+        private_key=_pem(args.tls_key),
+        certificate_chain=_pem(args.tls_cert),
+    )
 
 
-def _stub(server: str) -> tuple[grpc.Channel, pb_grpc.ClassifierStub]:
+def _pem(path: Path | None) -> bytes | None:
+    """A PEM file's bytes, checked here: gRPC would fail later, at the handshake, saying less."""
+    if path is None:
+        return None
+    data = _read(path)
+    if b"-----BEGIN" not in data:
+        raise ClientError(f"{path} holds no PEM data")
+    return data
+
+
+def _connect(args: argparse.Namespace) -> _Connection:
     import grpc
 
     from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
 
-    channel = grpc.insecure_channel(
-        server,
-        options=[
-            ("grpc.max_receive_message_length", 256 << 20),
-            ("grpc.max_send_message_length", 256 << 20),
-        ],
+    options = [
+        ("grpc.max_receive_message_length", 256 << 20),
+        ("grpc.max_send_message_length", 256 << 20),
+    ]
+    credentials = _credentials(args)
+    channel = (
+        grpc.insecure_channel(args.server, options=options)
+        if credentials is None
+        else grpc.secure_channel(args.server, credentials, options=options)
     )
-    return channel, pb_grpc.ClassifierStub(channel)  # type: ignore[no-untyped-call]
+    stub = pb_grpc.ClassifierStub(channel)  # type: ignore[no-untyped-call]
+    return _Connection(channel, stub, tuple(args.headers), args.timeout)
 
 
 def _read(path: Path) -> bytes:
@@ -91,17 +184,17 @@ def _read(path: Path) -> bytes:
 def _classify(args: argparse.Namespace) -> int:
     from service._generated.convserve.v1 import classifier_pb2 as pb
 
-    channel, stub = _stub(args.server)
-    with channel:
+    connection = _connect(args)
+    with connection.channel:
         if args.dense:
-            documents = [_dense_one(stub, path, args) for path in args.images]
+            documents = [_dense_one(connection, path, args) for path in args.images]
         else:
             request = pb.ClassifyRequest(
                 model=args.model,
                 top_k=args.top_k,
                 images=[pb.Image(encoded=_read(path)) for path in args.images],
             )
-            reply = _call(stub.Classify, request, args.timeout)
+            reply = connection.call("Classify", request)
             documents = [
                 {
                     "image": str(path),
@@ -121,9 +214,7 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dense_one(
-    stub: pb_grpc.ClassifierStub, path: Path, args: argparse.Namespace
-) -> dict[str, Any]:
+def _dense_one(connection: _Connection, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     from service._generated.convserve.v1 import classifier_pb2 as pb
 
     request = pb.ClassifyDenseRequest(
@@ -135,7 +226,7 @@ def _dense_one(
         pool=pb.POOL_MAX if args.pool == "max" else pb.POOL_MEAN,
         mode=pb.MODE_CROPS if args.mode == "crops" else pb.MODE_DENSE,
     )
-    reply = _call(stub.ClassifyDense, request, args.timeout)
+    reply = connection.call("ClassifyDense", request)
     geometry = reply.geometry
     document = {
         "image": str(path),
@@ -219,9 +310,9 @@ def _print_tables(documents: Sequence[dict[str, Any]]) -> None:
 def _models(args: argparse.Namespace) -> int:
     from service._generated.convserve.v1 import classifier_pb2 as pb
 
-    channel, stub = _stub(args.server)
-    with channel:
-        reply = _call(stub.ListModels, pb.ListModelsRequest(), args.timeout)
+    connection = _connect(args)
+    with connection.channel:
+        reply = connection.call("ListModels", pb.ListModelsRequest())
     documents = [
         {
             "name": m.name,

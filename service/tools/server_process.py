@@ -13,6 +13,7 @@ from pathlib import Path
 
 _GRPC = re.compile(r"grpc listening on [^:]+:(\d+)")
 _METRICS = re.compile(r"metrics listening on [^:]+:(\d+)")
+_HEALTH = re.compile(r"health listening on [^:]+:(\d+)")
 
 
 class ServerProcess:
@@ -45,6 +46,7 @@ class ServerProcess:
         self.lines: list[str] = []
         self.grpc_port = 0
         self.metrics_port = 0
+        self.health_port = 0  # with --health-port: the probes' plaintext port
         self._ready = threading.Event()
         self.process: subprocess.Popen[str] | None = None
         self._reader = threading.Thread()
@@ -53,6 +55,11 @@ class ServerProcess:
     def grpc_address(self) -> str:
         """host:port of the gRPC listener."""
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def health_address(self) -> str:
+        """host:port of the plaintext health port (``--health-port``)."""
+        return f"127.0.0.1:{self.health_port}"
 
     @property
     def metrics_url(self) -> str:
@@ -86,6 +93,8 @@ class ServerProcess:
                     self.grpc_port = int(match.group(1))
                 if match := _METRICS.search(line):
                     self.metrics_port = int(match.group(1))
+                if match := _HEALTH.search(line):
+                    self.health_port = int(match.group(1))
                 if "ready: serving" in line:
                     self._ready.set()
         self._ready.set()
