@@ -74,7 +74,8 @@ def test_client_commands(classifier_server: ServerProcess, held_out, tmp_path: P
         "top",
     }
     assert set(document["top"][0]) == {"label", "index", "probability", "best_cell", "box"}
-    assert Image.open(heatmap).size == (40, 8) and f"heat-map of {strip}" in result.stderr
+    # enlarged 13x (at least 512 px on the long side), a 64 px legend below
+    assert Image.open(heatmap).size == (520, 104 + 64) and f"heat-map of {strip}" in result.stderr
 
     result = convserve("models", "--json")
     assert result.returncode == 0, result.stderr

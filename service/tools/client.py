@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import grpc
 
-    from service._generated.convserve.v1 import classifier_pb2 as pb
     from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
 
 __all__ = ["add_commands"]
@@ -56,7 +55,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         "--heatmap",
         type=Path,
         metavar="OUT.png",
-        help="with --dense: the winning class's map over the image",
+        help="with --dense: draw a class's map over the image (a PNG of at least 512 px)",
+    )
+    classify.add_argument(
+        "--heatmap-class",
+        metavar="LABEL",
+        help="the class --heatmap draws: a label among the pooled top-k, or a class index "
+        "(default: the top pooled class)",
     )
     classify.add_argument("--timeout", type=float, default=30.0, help="seconds")
     classify.add_argument("--json", action="store_true")
@@ -119,6 +124,7 @@ class _Connection:
     stub: pb_grpc.ClassifierStub
     metadata: tuple[tuple[str, str], ...]
     timeout: float
+    address: str
 
     def call(self, method: str, request: Any) -> Any:
         """Call the stub's ``method``; a failure becomes a :class:`ClientError`."""
@@ -127,7 +133,15 @@ class _Connection:
         try:
             return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
-            raise ClientError(f"{exc.code().name}: {exc.details()}") from None
+            message = f"{exc.code().name}: {exc.details()}"
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (
+                exc.details() or ""
+            ):
+                message += (
+                    f" (is a convserve server running at {self.address}? start one with "
+                    "`convserve serve`, or point --server at it)"
+                )
+            raise ClientError(message) from None
 
 
 def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
@@ -171,7 +185,7 @@ def _connect(args: argparse.Namespace) -> _Connection:
         else grpc.secure_channel(args.server, credentials, options=options)
     )
     stub = pb_grpc.ClassifierStub(channel)  # type: ignore[no-untyped-call]
-    return _Connection(channel, stub, tuple(args.headers), args.timeout)
+    return _Connection(channel, stub, tuple(args.headers), args.timeout, args.server)
 
 
 def _read(path: Path) -> bytes:
@@ -184,6 +198,8 @@ def _read(path: Path) -> bytes:
 def _classify(args: argparse.Namespace) -> int:
     from service._generated.convserve.v1 import classifier_pb2 as pb
 
+    if not args.dense and (args.heatmap is not None or args.heatmap_class is not None):
+        raise ClientError("--heatmap and --heatmap-class need --dense (they draw the dense map)")
     connection = _connect(args)
     with connection.channel:
         if args.dense:
@@ -216,6 +232,7 @@ def _classify(args: argparse.Namespace) -> int:
 
 def _dense_one(connection: _Connection, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     from service._generated.convserve.v1 import classifier_pb2 as pb
+    from service.tools.dense_reply import ReplyError, dense_document, write_heatmap
 
     request = pb.ClassifyDenseRequest(
         model=args.model,
@@ -227,69 +244,24 @@ def _dense_one(connection: _Connection, path: Path, args: argparse.Namespace) ->
         mode=pb.MODE_CROPS if args.mode == "crops" else pb.MODE_DENSE,
     )
     reply = connection.call("ClassifyDense", request)
-    geometry = reply.geometry
-    document = {
-        "image": str(path),
-        "model": reply.model,
-        "version": reply.version,
-        "mode": "crops" if reply.mode == pb.MODE_CROPS else "dense",
-        "map_shape": list(reply.map.shape),
-        "stride": list(geometry.stride),
-        "window": list(geometry.window),
-        "offset": list(geometry.offset),
-        "exact": geometry.exact,
-        "pool": "max" if reply.pool == pb.POOL_MAX else "mean",
-        "top": [
-            {
-                "label": e.label,
-                "index": e.index,
-                "probability": round(e.probability, 6),
-                "best_cell": list(e.best_cell),
-                "box": list(e.box),
-            }
-            for e in reply.top
-        ],
-    }
     if args.heatmap is not None and reply.top:
         target = (
             args.heatmap
             if len(args.images) == 1
             else args.heatmap.with_name(f"{args.heatmap.stem}-{path.stem}{args.heatmap.suffix}")
         )
-        write_heatmap(_read(path), reply, target)
+        try:
+            shown = write_heatmap(_read(path), reply, target, args.heatmap_class)
+        except ReplyError as exc:
+            raise ClientError(str(exc)) from None
         # Not in the JSON document, whose shape is fixed: said on stderr instead.
-        print(f"heat-map of {path}: {target}", file=sys.stderr)
-    return document
+        print(f"heat-map of {path} ({shown}): {target}", file=sys.stderr)
+    return dense_document(reply, path)
 
 
-def write_heatmap(image_bytes: bytes, reply: pb.ClassifyDenseResponse, target: Path) -> None:
-    """The winning class's probability per cell, painted over the image at the cells' centres."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    base = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-    probabilities = np.frombuffer(reply.map.fp32_probabilities, np.float32).reshape(
-        tuple(reply.map.shape)
-    )
-    winner = probabilities[reply.top[0].index]
-    if winner.ndim != 2:
-        raise ClientError("heat-maps need a 2-D map")
-    heat = np.zeros((base.height, base.width), np.float32)
-    weight = np.zeros_like(heat)
-    window = [round(w / reply.map.scale) for w in reply.geometry.window]
-    ys, xs = reply.map.cell_starts[0].starts, reply.map.cell_starts[1].starts
-    for i, y in enumerate(ys):
-        for j, x in enumerate(xs):
-            heat[y : y + window[0], x : x + window[1]] += winner[i, j]
-            weight[y : y + window[0], x : x + window[1]] += 1
-    heat = np.divide(heat, weight, out=np.zeros_like(heat), where=weight > 0)
-    red = (heat * 255).astype(np.uint8)
-    overlay = Image.merge(
-        "RGB", (Image.fromarray(red), Image.new("L", base.size, 0), Image.new("L", base.size, 0))
-    )
-    Image.blend(base, overlay, 0.6).save(target, format="PNG")
+def _class_name(entry: dict[str, Any]) -> str:
+    """A label, or ``class N`` for a model without labels (its labels are the indices)."""
+    return f"class {entry['index']}" if entry["label"] == str(entry["index"]) else entry["label"]
 
 
 def _print_tables(documents: Sequence[dict[str, Any]]) -> None:
@@ -302,9 +274,13 @@ def _print_tables(documents: Sequence[dict[str, Any]]) -> None:
                 f", {document['pool']}-pooled"
             )
         print(f"{document['image']} ({where})")
-        for entry in document["top"]:
-            cell = f"  cell {entry['best_cell']} box {entry['box']}" if "box" in entry else ""
-            print(f"  {entry['probability']:8.2%}  {entry['index']:>5}  {entry['label']}{cell}")
+        dense = "box" in next(iter(document["top"]), {})
+        where_columns = f"  {'best cell [row, col]':<20}  box [x0, y0, x1, y1]" if dense else ""
+        print(f"  {'rank':>4}  {'probability':>11}  {'class':<20}{where_columns}".rstrip())
+        for rank, entry in enumerate(document["top"], 1):
+            cell = f"  {entry['best_cell']!s:<20}  {entry['box']}" if dense else ""
+            line = f"  {rank:>4}  {entry['probability']:>11.2%}  {_class_name(entry):<20}{cell}"
+            print(line.rstrip())
 
 
 def _models(args: argparse.Namespace) -> int:

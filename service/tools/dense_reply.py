@@ -1,0 +1,111 @@
+"""A ClassifyDense reply for people and scripts: its JSON document, one class's map, the heat-map.
+
+The document's shape is documented in docs/dense.md (``cell`` is ``[row, column]`` in cells,
+``box`` is ``[x0, y0, x1, y1]`` in the image's pixels).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from service._generated.convserve.v1 import classifier_pb2 as pb
+
+__all__ = ["ReplyError", "class_plane", "dense_document", "pick_class", "write_heatmap"]
+
+
+class ReplyError(Exception):
+    """The reply cannot give what was asked of it (a class it does not hold, a 1-D heat-map)."""
+
+
+def dense_document(reply: pb.ClassifyDenseResponse, image: Path) -> dict[str, Any]:
+    """The ``--json`` document of one ClassifyDense reply."""
+    from service._generated.convserve.v1 import classifier_pb2 as pb
+
+    geometry = reply.geometry
+    return {
+        "image": str(image),
+        "model": reply.model,
+        "version": reply.version,
+        "mode": "crops" if reply.mode == pb.MODE_CROPS else "dense",
+        "map_shape": list(reply.map.shape),
+        "stride": list(geometry.stride),
+        "window": list(geometry.window),
+        "offset": list(geometry.offset),
+        "exact": geometry.exact,
+        "pool": dense_document_pool(reply),
+        "top": [
+            {
+                "label": e.label,
+                "index": e.index,
+                "probability": round(e.probability, 6),
+                "best_cell": list(e.best_cell),
+                "box": list(e.box),
+            }
+            for e in reply.top
+        ],
+    }
+
+
+def dense_document_pool(reply: pb.ClassifyDenseResponse) -> str:
+    """How the reply's labels were pooled over the map: ``mean`` or ``max``."""
+    from service._generated.convserve.v1 import classifier_pb2 as pb
+
+    return "max" if reply.pool == pb.POOL_MAX else "mean"
+
+
+def pick_class(reply: pb.ClassifyDenseResponse, wanted: str | None) -> tuple[int, str]:
+    """The index and name of the class a heat-map shows.
+
+    ``wanted`` is a label among the pooled top-k, or a class index; None takes the top class.
+    """
+    if wanted is None:
+        best = reply.top[0]
+        return best.index, best.label
+    for entry in reply.top:
+        if entry.label == wanted:
+            return entry.index, entry.label
+    if wanted.isdigit() and int(wanted) < reply.map.shape[0]:
+        index = int(wanted)
+        names = {e.index: e.label for e in reply.top}
+        return index, names.get(index, f"class {index}")
+    raise ReplyError(
+        f"--heatmap-class {wanted!r} is not among the {len(reply.top)} pooled classes; "
+        "give its index or a larger --top-k"
+    )
+
+
+def class_plane(reply: pb.ClassifyDenseResponse, index: int) -> np.ndarray:
+    """The map of class ``index``: its probability at each cell."""
+    shape = tuple(reply.map.shape)
+    probabilities = np.frombuffer(reply.map.fp32_probabilities, np.float32).reshape(shape)
+    plane: np.ndarray = probabilities[index]
+    return plane
+
+
+def write_heatmap(
+    image_bytes: bytes, reply: pb.ClassifyDenseResponse, target: Path, wanted: str | None
+) -> str:
+    """Draw class ``wanted`` (default: the top pooled class) over the image; returns its name."""
+    from service.tools.heatmap import CellLayout, render_heatmap
+
+    index, name = pick_class(reply, wanted)
+    plane = class_plane(reply, index)
+    if plane.ndim != 2:
+        raise ReplyError("heat-maps need a 2-D map (this model's map has one axis)")
+    scale = reply.map.scale or 1.0
+    layout = CellLayout(
+        rows=list(reply.map.cell_starts[0].starts),
+        columns=list(reply.map.cell_starts[1].starts),
+        window=(round(reply.geometry.window[0] / scale), round(reply.geometry.window[1] / scale)),
+    )
+    pooled = next((e.probability for e in reply.top if e.index == index), None)
+    how = dense_document_pool(reply)
+    title = f"{name} (class {index})" + (
+        f": {how}-pooled {pooled:.1%}" if pooled is not None else ""
+    )
+    render_heatmap(image_bytes, plane, layout, title).save(target, format="PNG")
+    return name
