@@ -259,12 +259,9 @@ def _dense_one(connection: _Connection, path: Path, args: argparse.Namespace) ->
     return dense_document(reply, path)
 
 
-def _class_name(entry: dict[str, Any]) -> str:
-    """A label, or ``class N`` for a model without labels (its labels are the indices)."""
-    return f"class {entry['index']}" if entry["label"] == str(entry["index"]) else entry["label"]
-
-
 def _print_tables(documents: Sequence[dict[str, Any]]) -> None:
+    from service.tools.dense_reply import class_name
+
     for document in documents:
         where = f"{document['model']} v{document['version']}"
         if "map_shape" in document:
@@ -279,7 +276,7 @@ def _print_tables(documents: Sequence[dict[str, Any]]) -> None:
         print(f"  {'rank':>4}  {'probability':>11}  {'class':<20}{where_columns}".rstrip())
         for rank, entry in enumerate(document["top"], 1):
             cell = f"  {entry['best_cell']!s:<20}  {entry['box']}" if dense else ""
-            line = f"  {rank:>4}  {entry['probability']:>11.2%}  {_class_name(entry):<20}{cell}"
+            line = f"  {rank:>4}  {entry['probability']:>11.2%}  {class_name(entry['label'], entry['index']):<20}{cell}"
             print(line.rstrip())
 
 

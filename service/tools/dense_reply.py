@@ -14,7 +14,14 @@ import numpy as np
 if TYPE_CHECKING:
     from service._generated.convserve.v1 import classifier_pb2 as pb
 
-__all__ = ["ReplyError", "class_plane", "dense_document", "pick_class", "write_heatmap"]
+__all__ = [
+    "ReplyError",
+    "class_name",
+    "class_plane",
+    "dense_document",
+    "pick_class",
+    "write_heatmap",
+]
 
 
 class ReplyError(Exception):
@@ -57,6 +64,11 @@ def dense_document_pool(reply: pb.ClassifyDenseResponse) -> str:
     return "max" if reply.pool == pb.POOL_MAX else "mean"
 
 
+def class_name(label: str, index: int) -> str:
+    """A label, or ``class N`` for a model without labels (its labels are the indices)."""
+    return f"class {index}" if label == str(index) else label
+
+
 def pick_class(reply: pb.ClassifyDenseResponse, wanted: str | None) -> tuple[int, str]:
     """The index and name of the class a heat-map shows.
 
@@ -64,14 +76,14 @@ def pick_class(reply: pb.ClassifyDenseResponse, wanted: str | None) -> tuple[int
     """
     if wanted is None:
         best = reply.top[0]
-        return best.index, best.label
+        return best.index, class_name(best.label, best.index)
     for entry in reply.top:
         if entry.label == wanted:
-            return entry.index, entry.label
+            return entry.index, class_name(entry.label, entry.index)
     if wanted.isdigit() and int(wanted) < reply.map.shape[0]:
         index = int(wanted)
         names = {e.index: e.label for e in reply.top}
-        return index, names.get(index, f"class {index}")
+        return index, class_name(names.get(index, str(index)), index)
     raise ReplyError(
         f"--heatmap-class {wanted!r} is not among the {len(reply.top)} pooled classes; "
         "give its index or a larger --top-k"
@@ -104,7 +116,7 @@ def write_heatmap(
     )
     pooled = next((e.probability for e in reply.top if e.index == index), None)
     how = dense_document_pool(reply)
-    title = f"{name} (class {index})" + (
+    title = (name if name == f"class {index}" else f"{name} (class {index})") + (
         f": {how}-pooled {pooled:.1%}" if pooled is not None else ""
     )
     render_heatmap(image_bytes, plane, layout, title).save(target, format="PNG")
