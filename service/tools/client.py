@@ -276,7 +276,8 @@ def _print_tables(documents: Sequence[dict[str, Any]]) -> None:
         print(f"  {'rank':>4}  {'probability':>11}  {'class':<20}{where_columns}".rstrip())
         for rank, entry in enumerate(document["top"], 1):
             cell = f"  {entry['best_cell']!s:<20}  {entry['box']}" if dense else ""
-            line = f"  {rank:>4}  {entry['probability']:>11.2%}  {class_name(entry['label'], entry['index']):<20}{cell}"
+            name = class_name(entry["label"], entry["index"])
+            line = f"  {rank:>4}  {entry['probability']:>11.2%}  {name:<20}{cell}"
             print(line.rstrip())
 
 
