@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -371,3 +372,11 @@ def test_generated_rule_and_dashboard_manifests_are_current() -> None:
     assert json.loads(config_map["data"]["convserve.json"]) == json.loads(
         (ROOT / "deploy" / "grafana" / "convserve.json").read_text()
     )
+
+
+def test_the_image_builds_its_wheel_from_every_package() -> None:
+    """The wheel stage copies each package pyproject includes, or the image fails at import."""
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = [p.rstrip("*") for p in include["packages"]["find"]["include"]]
+    copied = re.findall(r"^COPY (\w+) \./\1$", (ROOT / "Dockerfile").read_text(), flags=re.M)
+    assert sorted(packages) == sorted(copied) == ["export", "model_format", "service"]
