@@ -179,7 +179,7 @@ def test_a_reload_in_the_middle_of_a_classify_lets_all_its_chunks_run(tmp_path: 
         images=[pb.Image(tensor=pb.Tensor(shape=[1024], fp32_data=row.tobytes())) for row in rows],
     )
     with (
-        ServerProcess(tmp_path) as server,
+        ServerProcess(tmp_path, "--model-control-mode", "explicit", "--load-model", "*") as server,
         grpc.insecure_channel(server.grpc_address) as channel,
         triton.InferenceServerClient(server.grpc_address) as control,
         ThreadPoolExecutor(2) as pool,

@@ -39,6 +39,10 @@ def slow_repository(tmp_path: Path) -> Path:
     return tmp_path
 
 
+EXPLICIT = ("--model-control-mode", "explicit", "--load-model", "*")
+"""Flags of a server whose models are loaded and unloaded over the API (every one at the start)."""
+
+
 def grpcurl() -> str:
     return str(Path(sys.executable).parent / "grpcurl")
 
@@ -150,7 +154,7 @@ def test_reload_with_a_new_version_while_traffic_flows(slow_repository: Path) ->
     shutil.copytree(BUNDLED_REPOSITORY / "digits", digits)
     x = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)
     with (
-        ServerProcess(slow_repository) as server,
+        ServerProcess(slow_repository, *EXPLICIT) as server,
         triton.InferenceServerClient(server.grpc_address) as client,
     ):
         stop = threading.Event()
@@ -223,7 +227,7 @@ def test_a_failed_reload_leaves_the_served_version_serving_and_the_server_ready(
 ) -> None:
     shutil.copytree(BUNDLED_REPOSITORY / "digits", tmp_path / "digits")
     with (
-        ServerProcess(tmp_path) as server,
+        ServerProcess(tmp_path, *EXPLICIT) as server,
         triton.InferenceServerClient(server.grpc_address) as client,
         grpc.insecure_channel(server.grpc_address) as channel,
     ):
@@ -240,6 +244,35 @@ def test_a_failed_reload_leaves_the_served_version_serving_and_the_server_ready(
         tensor.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
         assert client.infer("digits", [tensor]).as_numpy("logits").shape == (1, 10)
         server.log_with("reloading digits failed, its served versions go on")
+
+
+def test_a_failed_load_then_its_unload_leaves_every_answer_ready_and_no_series(
+    tmp_path: Path,
+) -> None:
+    """The audit: "" stayed NOT_SERVING, and the broken model's gauge at 0, after its unload."""
+    shutil.copytree(BUNDLED_REPOSITORY / "digits", tmp_path / "digits")
+    with (
+        ServerProcess(tmp_path, *EXPLICIT) as server,
+        triton.InferenceServerClient(server.grpc_address) as client,
+        grpc.insecure_channel(server.grpc_address) as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        (tmp_path / "broken" / "1").mkdir(parents=True)
+        (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not onnx")
+        for attempt in range(2):  # failed, unloaded; and again
+            with pytest.raises(InferenceServerException, match="failed to load"):
+                client.load_model("broken")
+            # A model whose first load failed is not meant to be served: all say ready.
+            assert client.is_server_ready()
+            assert health.Check(health_pb2.HealthCheckRequest()).status == SERVING
+            client.unload_model("broken")
+            assert client.is_server_ready() and client.is_model_ready("digits")
+            assert health.Check(health_pb2.HealthCheckRequest()).status == SERVING
+            assert health.Check(health_pb2.HealthCheckRequest(service="digits")).status == SERVING
+            text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+            assert 'convserve_model_ready{model="broken"' not in text
+            assert f'convserve_model_load_failures_total{{model="broken"}} {attempt + 1}' in text
+            assert 'convserve_model_ready{model="digits",' in text
 
 
 def test_timeout_parameter_and_grpc_deadline(slow_repository: Path) -> None:

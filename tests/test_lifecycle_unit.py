@@ -1,20 +1,28 @@
 """The server's Lifecycle without a server: phases, readiness from model states, drain, listeners.
 
 Also what reads it: the health statuses it translates to, and the data plane's refusal of new
-work while draining.
+work while draining; and the repository's answer to it, which models it is meant to serve.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from grpc_health.v1 import health_pb2
+from prometheus_client import REGISTRY
 
+from service import BUNDLED_REPOSITORY
 from service.core.errors import InvalidArgument, ModelNotFound, Unavailable
+from service.core.settings import Settings
 from service.engine.dataplane import DataPlane, Outcome
 from service.engine.lifecycle import Lifecycle, Phase
+from service.engine.repository import ModelRepository
+from service.engine.runtime import DeviceChoice
 from service.wire.health import Health
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -89,7 +97,7 @@ async def test_server_readiness_needs_the_startup_load_and_every_model() -> None
     assert not lifecycle.ready()  # every model loaded, but the startup load is not over
     await lifecycle.serving()
     assert lifecycle.ready()
-    models.everything_ready = False  # a model loading for the first time, or failed to
+    models.everything_ready = False  # a model meant to be served is not
     assert not lifecycle.ready()
     models.everything_ready = True
     assert lifecycle.ready()
@@ -122,7 +130,7 @@ async def test_a_model_is_ready_while_served_and_not_draining() -> None:
     with pytest.raises(InvalidArgument):
         lifecycle.model_ready("digits", "latest")
     await lifecycle.serving()
-    models.everything_ready = False  # another model failing does not make this one unready
+    models.everything_ready = False  # another model not ready does not make this one unready
     assert lifecycle.model_ready("digits")
     del models.served["digits"]
     assert not lifecycle.model_ready("digits")
@@ -208,7 +216,7 @@ async def test_health_translates_the_lifecycle() -> None:
     assert await status(health, "nope") is None
     await lifecycle.serving()
     assert await status(health, "") == SERVING
-    models.everything_ready = False  # a new model loading after the start
+    models.everything_ready = False  # a model meant to be served is not ready
     await lifecycle.models_changed([])
     assert await status(health, "") == NOT_SERVING
     assert await status(health, "digits") == SERVING
@@ -245,3 +253,39 @@ async def test_a_data_plane_without_a_lifecycle_never_drains() -> None:
     plane = DataPlane(Models({"digits": {1}}))
     assert plane.lifecycle.accepts_work()
     assert plane.model("digits", "1", Outcome()).name == "digits"
+
+
+async def test_the_repository_counts_only_models_meant_to_be_served(tmp_path: Path) -> None:
+    """Loaded and not unloaded since; a model whose first load failed is not one of them."""
+    shutil.copytree(BUNDLED_REPOSITORY / "digits", tmp_path / "digits")
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not onnx")
+    heard = Heard()
+
+    def ready_series(model: str) -> list[float]:
+        return [
+            s.value
+            for family in REGISTRY.collect()
+            for s in family.samples
+            if s.name == "convserve_model_ready" and s.labels["model"] == model
+        ]
+
+    with ThreadPoolExecutor(2) as executor:
+        repository = ModelRepository(tmp_path, Settings(), DeviceChoice("cpu"), executor, heard)
+        lifecycle = Lifecycle(repository)
+        await lifecycle.serving()
+        assert lifecycle.ready()  # nothing meant to be served yet
+        assert await repository.load_all() == ["broken"]
+        assert lifecycle.ready() and repository.all_ready()
+        assert ready_series("broken") == [0.0]  # nothing serves it
+        await repository.unload("broken")
+        assert ready_series("broken") == [] and lifecycle.ready()
+        assert ("broken", "", "UNAVAILABLE", "unloaded") in repository.index()
+        await repository.unload("digits")
+        assert ready_series("digits") == [] and lifecycle.ready()
+        assert not lifecycle.model_ready("digits")
+        await repository.load("digits")
+        assert lifecycle.model_ready("digits") and ready_series("digits") == [1.0]
+        repository.draining()  # no version takes new requests once the drain begins
+        assert ready_series("digits") == [0.0]
+        await repository.close()

@@ -75,7 +75,15 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def workers() -> Iterator[ServerProcess]:
-    server = ServerProcess(BUNDLED_REPOSITORY, "--workers", "2").start()
+    server = ServerProcess(
+        BUNDLED_REPOSITORY,
+        "--workers",
+        "2",
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "*",
+    ).start()
     try:
         yield server
     finally:

@@ -1,8 +1,9 @@
 """The composition root: builds every part, listens, loads models, drains on SIGTERM.
 
 Order of life, the phases of :class:`~service.engine.lifecycle.Lifecycle`: the gRPC port opens
-first (liveness answers, health is NOT_SERVING), then every model loads and warms up, then the
-server is serving (health SERVING; a worker tells its supervisor through its ready file). On
+first (liveness answers, health is NOT_SERVING), then the models that ``--model-control-mode``
+loads at the start load and warm up, then the server is serving (health SERVING; a worker tells
+its supervisor through its ready file; in poll mode the repository is watched from then on). On
 SIGTERM or SIGINT it drains: health turns NOT_SERVING, new requests get UNAVAILABLE, in-flight
 requests finish within the drain grace, and the process exits 0.
 """
@@ -30,10 +31,13 @@ from service.app.tls import CertificateFiles, TlsError, server_credentials
 from service.app.workers import WorkerRole
 from service.classification.api import Classification
 from service.core.event_loop import describe
+from service.core.ports import busy_port_message, port_is_free
 from service.core.settings import Settings
 from service.engine.dataplane import DataPlane
 from service.engine.lifecycle import Lifecycle
 from service.engine.metrics import register_gpu_metrics, serve_metrics
+from service.engine.model_control import ModelControl
+from service.engine.poller import RepositoryPoller
 from service.engine.repository import ModelRepository
 from service.engine.runtime import DeviceChoice, available_cores
 from service.wire.classifier_servicer import ClassifierServicer
@@ -41,7 +45,7 @@ from service.wire.health import Health
 from service.wire.kserve_servicer import KServeServicer
 from service.wire.restrictions import RestrictionInterceptor
 from service.wire.rpc import register
-from service.wire.siblings import Siblings, socket_path
+from service.wire.siblings import EveryWorker, Siblings, socket_path
 
 __all__ = ["run_server"]
 
@@ -130,6 +134,10 @@ def _listen(server: grpc.aio.Server, settings: Settings, role: WorkerRole | None
         TlsError: a certificate file cannot be read.
     """
     address = f"{settings.host}:{settings.grpc_port}"
+    # Checked first: gRPC would print its own low-level error and raise a bare RuntimeError.
+    if role is None and not port_is_free(settings.host, settings.grpc_port):
+        log.error(busy_port_message("gRPC", settings.host, settings.grpc_port, "grpc_port"))
+        return 0
     credentials = _credentials(settings)
     if credentials is None:
         port = int(server.add_insecure_port(address))
@@ -157,6 +165,9 @@ async def _start_health_port(
     """
     if settings.health_port < 0:
         return None
+    if role is None and not port_is_free(settings.host, settings.health_port):
+        log.error(busy_port_message("health", settings.host, settings.health_port, "health_port"))
+        return None
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if role else 0)])
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     port = server.add_insecure_port(f"{settings.host}:{settings.health_port}")
@@ -168,25 +179,37 @@ async def _start_health_port(
     return server
 
 
-async def _load_models(
-    repository: ModelRepository, role: WorkerRole | None, siblings: Siblings | None
-) -> list[str]:
-    """Load the models; returns the names that failed.
+async def _load_models(parts: _Parts) -> list[str]:
+    """Load the models the start asks for; returns the names that failed.
 
-    Every model on disk, except that a replacement worker loads what its siblings serve now and
-    marks what they unloaded as unloaded, so a load or unload over gRPC since the start holds
-    for it too.
+    By ``--model-control-mode``: every model on disk (none, poll), or the ``--load-model``
+    names (explicit: none without it, every model for ``*``), as in Triton. A replacement worker
+    instead loads what its siblings serve now and marks what they unloaded as unloaded, so a
+    load or unload since the start holds for it too.
     """
-    if role is None or siblings is None or not role.replacement:
-        return await repository.load_all()
-    index = await siblings.index()
-    if index is None:
-        log.warning("no other worker said what it serves; loading every model on disk")
-        return await repository.load_all()
-    ready = {repository.logical_name(name) for name, state, _ in index if state == "READY"}
-    unloaded = {name for name, _, reason in index if reason == "unloaded"} - ready
-    repository.mark_unloaded(sorted(unloaded))
-    return await repository.load_all(sorted(ready))
+    repository, role, siblings = parts.repository, parts.role, parts.siblings
+    if role is not None and siblings is not None and role.replacement:
+        index = await siblings.index()
+        if index is not None:
+            ready = {repository.logical_name(name) for name, state, _ in index if state == "READY"}
+            unloaded = {name for name, _, reason in index if reason == "unloaded"} - ready
+            repository.mark_unloaded(sorted(unloaded))
+            return await repository.load_all(sorted(ready))
+        log.warning("no other worker said what it serves; loading what a start loads")
+    settings = parts.settings
+    if settings.model_control_mode == "explicit" and "*" not in settings.load_model:
+        return await repository.load_all(sorted(set(settings.load_model)))
+    return await repository.load_all()
+
+
+def _poller(parts: _Parts) -> RepositoryPoller | None:
+    """The repository's poller, when this process is the one that polls (poll mode)."""
+    settings = parts.settings
+    if settings.model_control_mode != "poll" or (parts.role is not None and not parts.role.polls):
+        return None
+    siblings = parts.siblings
+    watched = parts.repository if siblings is None else EveryWorker(parts.repository, siblings)
+    return RepositoryPoller(watched, settings.repository_poll_secs)
 
 
 @dataclass
@@ -202,6 +225,7 @@ class _Parts:
     server: grpc.aio.Server
     pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor]  # inference, decoding
     probes: grpc.aio.Server | None = None  # the plaintext health port, when there is one
+    poller: RepositoryPoller | None = None  # poll mode, in the process that polls
 
 
 def _build(settings: Settings, role: WorkerRole | None) -> _Parts:
@@ -223,7 +247,9 @@ def _build(settings: Settings, role: WorkerRole | None) -> _Parts:
     siblings = (
         None if role is None else Siblings(role.folder, role.index, settings.workers, headers)
     )
-    kserve = KServeServicer(plane, settings.max_tensor_elements, siblings=siblings)
+    kserve = KServeServicer(
+        plane, settings.max_tensor_elements, siblings, ModelControl.from_settings(settings)
+    )
     decoders = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="decode")
     classifier = ClassifierServicer(
         Classification(plane, settings, decoders), settings.max_tensor_elements
@@ -261,18 +287,30 @@ async def _open_ports(parts: _Parts) -> bool:
 
 
 async def _load(parts: _Parts) -> int:
-    """Load the models and report ready; a non-zero exit code when the start must stop."""
+    """Load the models and report ready; a non-zero exit code when the start must stop.
+
+    A model that fails stops the start (exit 1), as Triton's ``--exit-on-error`` does;
+    with ``--exit-on-error=false`` the others serve. In poll mode, polling starts once ready.
+    """
+    poller = _poller(parts)
     try:
-        failed = await _load_models(parts.repository, parts.role, parts.siblings)
+        if poller is not None and not (parts.role is not None and parts.role.replacement):
+            await poller.baseline()  # before the load reads the files
+        failed = await _load_models(parts)
     except BaseException:
         await parts.server.stop(0)
         raise
-    if failed:
+    if failed and parts.settings.exit_on_error:
         log.error("models failed to load: %s; shutting down", ", ".join(failed))
         await parts.server.stop(0)
         parts.pools[0].shutdown(wait=False, cancel_futures=True)
         return 1
+    if failed:
+        log.warning("models failed to load: %s; serving the others", ", ".join(failed))
     await parts.lifecycle.serving()
+    if poller is not None:
+        poller.start()
+        parts.poller = poller
     names = ", ".join(sorted({m.name for m in parts.repository.served()})) or "no models"
     if parts.role is None:
         log.info("ready: serving %s", names)
@@ -285,6 +323,9 @@ async def _load(parts: _Parts) -> int:
 async def _drain(parts: _Parts) -> None:
     grace = parts.settings.drain_grace_seconds
     log.info("draining: finishing in-flight requests (grace %.1f s)", grace)
+    if parts.poller is not None:  # no model changes while the server drains
+        await parts.poller.stop()
+    parts.repository.draining()  # convserve_model_ready 0: no version takes new requests
     await parts.lifecycle.draining()  # health NOT_SERVING everywhere, new requests UNAVAILABLE
     await parts.server.stop(grace)
     if parts.probes is not None:

@@ -19,7 +19,8 @@ started) starts N ordinary ``convserve serve`` processes that each bind the gRPC
 The workers answer as one server (:mod:`service.wire.siblings`; each worker also keeps a Unix socket
 in the supervisor's folder): ModelStatistics adds up every worker's figures, a model load or
 unload is repeated on every worker, and a replacement worker loads the models its siblings serve
-now rather than every model on disk.
+now rather than every model on disk. In poll mode worker 0 alone watches the repository and
+repeats what it applies on the others (:attr:`WorkerRole.polls`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,17 @@ class WorkerRole:
     def mark_ready(self) -> None:
         """Tell the supervisor that this worker is serving: every model loaded and warm."""
         self.ready_file.touch()
+
+    @property
+    def polls(self) -> bool:
+        """This worker watches the repository in poll mode (worker 0), for all of them.
+
+        One poller decides when a copied file holds still and repeats each change it applies
+        on the other workers, so every worker loads the same files at the same change;
+        a poller per worker could see one copy settle at different polls and serve different
+        versions meanwhile. A replacement worker 0 polls in its predecessor's place.
+        """
+        return self.index == 0
 
     def orphaned(self) -> bool:
         """True once the supervisor is gone (the worker should drain and exit)."""

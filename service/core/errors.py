@@ -17,6 +17,7 @@ __all__ = [
     "ServingError",
     "SiblingFailed",
     "Unavailable",
+    "Unimplemented",
 ]
 
 
@@ -71,6 +72,12 @@ class Unavailable(ServingError):
     """The server is draining, or the model version is being replaced; retry elsewhere."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unimplemented(ServingError):
+    """The request asks for something this server does not do; the message says what instead."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
 
 
 class SiblingFailed(ServingError):

@@ -261,6 +261,8 @@ class Settings:
     def _check_control_and_tls(self) -> None:
         if self.load_model and self.model_control_mode != "explicit":
             raise SettingError("--load-model requires --model-control-mode explicit")
+        if "*" in self.load_model and len(set(self.load_model)) > 1:
+            raise SettingError("--load-model '*' (every model) must be the only --load-model")
         if self.tls:
             missing = [
                 flag

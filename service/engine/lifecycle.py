@@ -4,8 +4,9 @@ One :class:`Lifecycle` per server decides what the health statuses, KServe's Ser
 ServerReady and ModelReady, the data plane's refusal of new work and a worker's ready file say:
 
 * live: until the server has stopped;
-* ready (the server): serving, and every model it was asked to serve is loaded and warm (an
-  unloaded one aside, a reloading one still counting as its served version);
+* ready (the server): serving, not draining, and every model it is meant to serve is loaded and
+  warm: those loaded at the start or since and not unloaded since (a reloading one counts as
+  its served version; one whose first load failed is not meant to be served);
 * a model ready: its name (and version) is served, and the server is not draining;
 * new work accepted: until the server starts draining.
 
@@ -44,7 +45,7 @@ class ModelStates(Protocol):
         ...
 
     def all_ready(self) -> bool:
-        """Every model the server was asked to serve is loaded and warm."""
+        """Every model the server is meant to serve is loaded and warm."""
         ...
 
 
@@ -72,7 +73,10 @@ class Lifecycle:
         return self._phase < Phase.STOPPED
 
     def ready(self) -> bool:
-        """The server as a whole is ready: serving, and every model loaded and warm."""
+        """The server as a whole is ready: serving, and every model meant to serve is warm.
+
+        The one answer behind the health service "" and ServerReady.
+        """
         return self._phase == Phase.SERVING and self._models.all_ready()
 
     def accepts_work(self) -> bool:

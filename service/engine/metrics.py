@@ -7,6 +7,7 @@ unknown model is counted under ``model="_unknown"``, so clients cannot grow the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -25,6 +26,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from service.core.ports import busy_port_message
+from service.core.settings import SettingError
+
 __all__ = [
     "BATCHES",
     "BATCH_SIZE",
@@ -34,6 +38,7 @@ __all__ = [
     "INFERENCES",
     "INFLIGHT",
     "MODEL_DEVICE_MEMORY",
+    "MODEL_LOAD_FAILURES",
     "MODEL_READY",
     "QUEUE_DEPTH",
     "QUEUE_DURATION",
@@ -128,6 +133,12 @@ MODEL_READY = Gauge(
     ["model", "version", "provider"],
     multiprocess_mode="livemin",
 )
+MODEL_LOAD_FAILURES = Counter(
+    "convserve_model_load_failures_total",
+    "Model loads that failed (a file or config.json that does not load, or a load past "
+    "--model-load-timeout-seconds); a served version of the model goes on serving.",
+    ["model"],
+)
 DENSE_CELLS = Counter("convserve_dense_cells_total", "Score-map cells computed.", ["model"])
 RESTRICTED_REFUSALS = Counter(
     "convserve_restricted_refusals_total",
@@ -144,8 +155,17 @@ MODEL_DEVICE_MEMORY = Gauge(
 
 
 def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> int:
-    """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port.
+
+    Raises:
+        SettingError: the port is in use; the message names it and the flag that moves it.
+    """
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise SettingError(busy_port_message("metrics", host, port, "metrics_port")) from None
     return int(server.server_port)
 
 

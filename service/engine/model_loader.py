@@ -30,6 +30,7 @@ __all__ = [
     "BuiltModel",
     "ModelLoader",
     "ServedModel",
+    "close_built",
     "versions_on_disk",
     "warm_up_sizes",
 ]
@@ -94,6 +95,12 @@ class BuiltModel:
     info: ModelInfo
 
 
+def close_built(built: Sequence[BuiltModel]) -> None:
+    """Stop the sessions of versions that will not serve (a failed or abandoned load)."""
+    for model in built:
+        model.runtime.close()
+
+
 def versions_on_disk(folder: Path) -> list[int]:
     """The version folders of a model folder that hold a ``model.onnx``."""
     return [
@@ -147,13 +154,17 @@ class ModelLoader:
         Raises:
             Exception: whatever ONNX Runtime raises for a file that does not load.
         """
-        built = []
-        for version in versions:
-            for dense, filename in ((False, MODEL_FILE), (True, DENSE_FILE)):
-                path = folder / str(version) / filename
-                if path.is_file():
-                    name = logical + DENSE_SUFFIX if dense else logical
-                    built.append(self._build(name, version, path, dense, config))
+        built: list[BuiltModel] = []
+        try:
+            for version in versions:
+                for dense, filename in ((False, MODEL_FILE), (True, DENSE_FILE)):
+                    path = folder / str(version) / filename
+                    if path.is_file():
+                        name = logical + DENSE_SUFFIX if dense else logical
+                        built.append(self._build(name, version, path, dense, config))
+        except BaseException:
+            close_built(built)  # the versions built before the one that failed serve nothing
+            raise
         return built
 
     def _build(

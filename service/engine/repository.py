@@ -13,7 +13,14 @@ returns once the new version serves: the old one drains in the background (a cli
 the load does not have to cover the longest request in flight). A further load of the same model
 waits for that drain first, so at most two generations of a model are in memory; an unload and
 the server's shutdown wait for it too. While a served model reloads it stays READY (so does the
-server), and if the new version fails to load, the served one goes on.
+server), and if the new version fails to load, the served one goes on. A load that takes longer
+than ``--model-load-timeout-seconds`` is abandoned the same way (its thread cannot be stopped; the
+sessions it builds are closed when it ends).
+
+The models the server is meant to serve are those loaded (at the start or since) and not
+unloaded since; a load that fails for a model not served adds nothing to them. The server is
+ready while every one of them is served (:meth:`ModelRepository.all_ready`), so one rule holds
+in every ``--model-control-mode``.
 """
 
 from __future__ import annotations
@@ -29,11 +36,18 @@ from model_format import CONFIG_FILE
 from service.core.errors import InvalidArgument, ModelLoadFailed, ModelNotFound, ServingError
 from service.core.settings import Settings
 from service.engine import metrics
-from service.engine.model_config import load_model_config
-from service.engine.model_loader import DENSE_SUFFIX, ModelLoader, ServedModel, versions_on_disk
+from service.engine.model_config import ModelConfig, load_model_config
+from service.engine.model_loader import (
+    DENSE_SUFFIX,
+    BuiltModel,
+    ModelLoader,
+    ServedModel,
+    close_built,
+    versions_on_disk,
+)
 from service.engine.runtime import DeviceChoice
 
-__all__ = ["DENSE_SUFFIX", "ModelRepository", "ModelsChanged", "ServedModel"]
+__all__ = ["DENSE_SUFFIX", "LoadTimedOut", "ModelRepository", "ModelsChanged", "ServedModel"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +75,7 @@ class ModelRepository:
         self._changed = changed
         self._served: dict[str, dict[int, ServedModel]] = {}
         self._state: dict[str, tuple[str, str]] = {}  # logical name -> (state, reason)
+        self._wanted: set[str] = set()  # logical names meant to be served (see all_ready)
         self._locks: dict[str, asyncio.Lock] = {}
         self._retiring: dict[str, asyncio.Task[None]] = {}  # logical name -> old versions draining
 
@@ -117,10 +132,16 @@ class ModelRepository:
         return rows
 
     def all_ready(self) -> bool:
-        """Every model the server was asked to serve is loaded and warm (unloaded ones aside)."""
-        return all(
-            state == "READY" or reason == "unloaded" for state, reason in self._state.values()
-        )
+        """Every model the server is meant to serve is loaded and warm.
+
+        Meant to serve: loaded, at the start or since, and not unloaded since. A model whose
+        first load failed is not (it is UNAVAILABLE in the index), nor one unloaded; a model
+        whose reload failed is, and its served version answers for it.
+        """
+        return all(self._serves(logical) for logical in self._wanted)
+
+    def _serves(self, logical: str) -> bool:
+        return logical in self._served or logical + DENSE_SUFFIX in self._served
 
     @staticmethod
     def logical_name(name: str) -> str:
@@ -147,18 +168,17 @@ class ModelRepository:
 
         Raises:
             ModelNotFound: no such folder (or no version with a model.onnx in it).
-            ModelLoadFailed: its config.json is invalid or a model file does not load.
+            ModelLoadFailed: its config.json is invalid, a model file does not load, or the
+                load took longer than ``--model-load-timeout-seconds``.
         """
-        logical = self.logical_name(name) if not (self.root / name).is_dir() else name
+        logical = self._folder_of(name)
         folder = self.root / logical
-        if not _NAME.match(logical) or not folder.is_dir():
-            raise ModelNotFound(name)
         lock = self._locks.setdefault(logical, asyncio.Lock())
         async with lock:
             await self._drained(logical)
             # A reload leaves the served versions READY (and the server ready) until the new
             # ones replace them, and if the new ones fail to load, they keep serving.
-            serving = logical in self._served or logical + DENSE_SUFFIX in self._served
+            serving = self._serves(logical)
             if not serving:
                 await self._set_state(logical, "LOADING", "")
             try:
@@ -166,25 +186,69 @@ class ModelRepository:
                 chosen = config.versions.select(versions_on_disk(folder))
                 if not chosen:
                     raise ModelNotFound(logical)
-                built = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._loader.build_all, logical, folder, chosen, config
-                )
+                built = await self._build(logical, folder, chosen, config)
             except ModelNotFound:
                 if not serving:
                     reason = "no version folder with a model.onnx"
                     await self._set_state(logical, "UNAVAILABLE", reason)
                 raise
+            except asyncio.CancelledError:  # the caller went away; nothing was swapped in
+                if not serving:
+                    self._state[logical] = ("UNAVAILABLE", "load cancelled")
+                raise
             except Exception as exc:  # onnxruntime raises its own types for bad files
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                if serving:
-                    log.error("reloading %s failed, its served versions go on: %s", logical, reason)
-                else:
-                    metrics.MODEL_READY.labels(logical, "", "none").set(0)  # nothing serves it
-                    await self._set_state(logical, "UNAVAILABLE", reason)
-                raise ModelLoadFailed(logical, reason) from exc
+                await self._failed(logical, serving, _first_line(exc))
+                raise ModelLoadFailed(logical, _first_line(exc)) from exc
             # READY before the swap, whose change report leads to asking whether all are ready.
             self._state[logical] = ("READY", "")
+            self._wanted.add(logical)
             await self._swap(logical, [self._loader.serve(b, logical, config) for b in built])
+
+    def _folder_of(self, name: str) -> str:
+        """The model folder a load names: itself, or the folder of a ``_dense`` name.
+
+        The name is checked before any path is built from it, so no name reaches a folder
+        outside the repository (``..``, ``/``, a leading dot are refused as not found).
+
+        Raises:
+            ModelNotFound: no such folder.
+        """
+        for logical in (name, self.logical_name(name)):
+            if _NAME.match(logical) and (self.root / logical).is_dir():
+                return logical
+        raise ModelNotFound(name)
+
+    async def _build(
+        self, logical: str, folder: Path, versions: list[int], config: ModelConfig
+    ) -> list[BuiltModel]:
+        """Build ``versions`` on the executor, within ``--model-load-timeout-seconds``.
+
+        Raises:
+            LoadTimedOut: the build took longer; it is abandoned (see the module docstring).
+        """
+        future = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._loader.build_all, logical, folder, versions, config
+        )
+        limit = self._settings.model_load_timeout_seconds
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), limit)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            future.add_done_callback(_close_abandoned)
+            if isinstance(exc, TimeoutError):
+                raise LoadTimedOut(
+                    f"loading took longer than --model-load-timeout-seconds ({limit:g} s); "
+                    "abandoned"
+                ) from None
+            raise
+
+    async def _failed(self, logical: str, serving: bool, reason: str) -> None:
+        """Record a failed load: logged and counted; the served versions, if any, go on."""
+        metrics.MODEL_LOAD_FAILURES.labels(logical).inc()
+        if serving:
+            log.error("reloading %s failed, its served versions go on: %s", logical, reason)
+            return
+        metrics.MODEL_READY.labels(logical, "", "none").set(0)  # nothing serves it
+        await self._set_state(logical, "UNAVAILABLE", reason)
 
     async def _set_state(self, logical: str, state: str, reason: str) -> None:
         """Record a model folder's load state; the server's readiness may follow it."""
@@ -203,8 +267,9 @@ class ModelRepository:
             labels = (model.name, str(model.version), model.runtime.provider)
             if labels not in ready:
                 metrics.forget_ready(*labels)
-        if fresh:  # a failed earlier load's "nothing serves it" series goes too
-            metrics.forget_ready(logical, "", "none")
+        # A failed earlier load's "nothing serves it" series goes once the model serves, or
+        # once it is unloaded: an unloaded model leaves no readiness series behind.
+        metrics.forget_ready(logical, "", "none")
         for labels in ready:
             metrics.MODEL_READY.labels(*labels).set(1)
         await self._changed(names)
@@ -236,6 +301,7 @@ class ModelRepository:
         async with self._locks.setdefault(logical, asyncio.Lock()):
             # Unloaded before the swap, whose change report leads to asking whether all are ready.
             self._state[logical] = ("UNAVAILABLE", "unloaded")
+            self._wanted.discard(logical)
             await self._swap(logical, [])
             await self._drained(logical)
         log.info("unloaded %s", logical)
@@ -249,9 +315,36 @@ class ModelRepository:
         for logical in names:
             self._state[logical] = ("UNAVAILABLE", "unloaded")
 
+    def draining(self) -> None:
+        """The server drains: no version takes new requests, so none reports ready."""
+        for model in self.served():
+            labels = (model.name, str(model.version), model.runtime.provider)
+            metrics.MODEL_READY.labels(*labels).set(0)
+
     async def close(self) -> None:
         """Drain every batcher, replaced versions' too, then stop the runtimes' threads."""
         await asyncio.gather(_retire(self.served()), *self._retiring.values())
+
+
+class LoadTimedOut(Exception):
+    """A model's build took longer than ``--model-load-timeout-seconds`` and was abandoned."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
+
+
+def _close_abandoned(future: asyncio.Future[list[BuiltModel]]) -> None:
+    """Close what an abandoned build made, once it ends (its thread cannot be stopped)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    built = future.result()
+    close_built(built)
+    log.warning(
+        "an abandoned load finished; closed %s",
+        ", ".join(f"{m.name} version {m.version}" for m in built) or "nothing",
+    )
 
 
 async def _retire(models: Sequence[ServedModel]) -> None:

@@ -1,7 +1,8 @@
 """``inference.GRPCInferenceService``: KServe v2 over gRPC, translating only.
 
 Each RPC turns its message into a domain call and the result back into a message; errors become
-statuses in :mod:`service.wire.rpc`.
+statuses in :mod:`service.wire.rpc`. Which load and unload requests are served is the model
+control mode's decision (:mod:`service.engine.model_control`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from service._generated.inference import grpc_service_pb2 as pb
 from service._generated.inference import grpc_service_pb2_grpc as pb_grpc
 from service.core.errors import InvalidArgument, ModelNotFound, ServingError
 from service.engine.dataplane import DataPlane, Outcome
+from service.engine.model_control import ModelControl
 from service.wire.codec import decode_request, encode_response
 from service.wire.kserve_messages import (
     merge_statistics,
@@ -26,7 +28,7 @@ from service.wire.kserve_messages import (
     repository_index,
 )
 from service.wire.rpc import Undecodable, counted, deadline_of, inference_rpc, rpc
-from service.wire.siblings import Siblings, wants_local_only
+from service.wire.siblings import Siblings, from_sibling, wants_local_only
 from service.wire.streams import completion_order
 
 __all__ = ["KServeServicer"]
@@ -54,6 +56,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         plane: DataPlane,
         max_elements: int,
         siblings: Siblings | None = None,
+        control: ModelControl | None = None,
     ) -> None:
         self._plane = plane
         self._repository = plane.repository
@@ -61,6 +64,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._max_elements = max_elements
         # The other workers (serve --workers): statistics add up, model control is repeated.
         self._siblings = siblings
+        self._control = control or ModelControl("none")
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Context
@@ -138,11 +142,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
         _one_repository(request.repository_name)
-        if request.parameters:
-            raise InvalidArgument(
-                "load parameters (config overrides, model files) are not "
-                "supported; place the files in the repository"
-            )
+        # Parameters before the mode, as Triton's gRPC frontend checks them before its core.
+        self._control.check_load_parameters(list(request.parameters))
+        self._control.check_request(self._from_sibling(context))
         await self._repository.load(request.model_name)
         if (siblings := self._siblings_to_ask(context)) is not None:
             await siblings.repeat("RepositoryModelLoad", request, context.time_remaining())
@@ -153,10 +155,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
         _one_repository(request.repository_name)
+        self._control.check_request(self._from_sibling(context))
         await self._repository.unload(request.model_name)
         if (siblings := self._siblings_to_ask(context)) is not None:
             await siblings.repeat("RepositoryModelUnload", request, context.time_remaining())
         return pb.RepositoryModelUnloadResponse()
+
+    def _from_sibling(self, context: Context) -> bool:
+        """The call is another worker's repeat of what it did (see service.wire.siblings)."""
+        return self._siblings is not None and from_sibling(context)
 
     def _siblings_to_ask(self, context: Context) -> Siblings | None:
         """The other workers, when this call is for the whole server (not marked local-only)."""

@@ -6,7 +6,8 @@ that concerns the whole server is handled by whichever worker it reaches, which 
 sibling, marked :data:`LOCAL_ONLY` so the sibling does not ask in turn:
 
 * ModelStatistics: each sibling's own figures, merged into the server's;
-* a model load or unload: repeated on each sibling after it succeeded on this worker;
+* a model load or unload: repeated on each sibling after it succeeded on this worker (over the
+  API in explicit mode, or found by the polling worker in poll mode, :func:`from_sibling`);
 * a replacement worker's start: one sibling's repository index, whose state it takes.
 
 A client may send the same mark to confine a call to the worker holding its connection.
@@ -23,8 +24,16 @@ import grpc
 from service._generated.inference import grpc_service_pb2 as pb
 from service._generated.inference import grpc_service_pb2_grpc as pb_grpc
 from service.core.errors import SiblingFailed, Unavailable
+from service.engine.repository import ModelRepository
 
-__all__ = ["LOCAL_ONLY", "Siblings", "socket_path", "wants_local_only"]
+__all__ = [
+    "LOCAL_ONLY",
+    "EveryWorker",
+    "Siblings",
+    "from_sibling",
+    "socket_path",
+    "wants_local_only",
+]
 
 LOCAL_ONLY = ("convserve-worker-local", "1")
 """Request metadata: this worker alone (its own figures, its own models), siblings not asked."""
@@ -43,6 +52,16 @@ def socket_path(folder: Path, index: int) -> Path:
 def wants_local_only(context: grpc.aio.ServicerContext) -> bool:
     """True when the caller asked for this worker's own figures (:data:`LOCAL_ONLY`)."""
     return any((key, value) == LOCAL_ONLY for key, value in context.invocation_metadata() or ())
+
+
+def from_sibling(context: grpc.aio.ServicerContext) -> bool:
+    """True when another worker made the call: marked :data:`LOCAL_ONLY`, over a Unix socket.
+
+    The mark alone is a client's to send; the sockets are reached only by this machine's
+    processes that may open the supervisor's private folder. In poll mode this is what lets
+    the polling worker's repeat of a load through, where a client's load is refused.
+    """
+    return wants_local_only(context) and (context.peer() or "").startswith("unix:")
 
 
 class Siblings:
@@ -137,6 +156,21 @@ class Siblings:
                 "the other workers went ahead",
             )
 
+    async def repeat_change(self, load: bool, name: str) -> None:
+        """Have every sibling load (or unload) model ``name``, as the polling worker just did.
+
+        Raises:
+            SiblingFailed: see :meth:`repeat`.
+        """
+        if load:
+            await self.repeat(
+                "RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=name), None
+            )
+        else:
+            await self.repeat(
+                "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=name), None
+            )
+
     async def index(self) -> list[tuple[str, str, str]] | None:
         """A sibling's repository index as (name, state, reason); None if no sibling answers.
 
@@ -147,3 +181,35 @@ class Siblings:
             if isinstance(answer, pb.RepositoryIndexResponse):
                 return [(model.name, model.state, model.reason) for model in answer.models]
         return None
+
+
+class EveryWorker:
+    """The model repository as the polling worker changes it: its own, then each sibling's.
+
+    With ``--workers N`` in poll mode one worker polls and repeats each change it applied on
+    the others, the way a load over the API is repeated; a load that fails on it goes no
+    further (the siblings keep serving what they serve, as it does).
+    """
+
+    def __init__(self, repository: ModelRepository, siblings: Siblings) -> None:
+        self._repository = repository
+        self._siblings = siblings
+
+    @property
+    def root(self) -> Path:
+        """The repository folder."""
+        return self._repository.root
+
+    def on_disk(self) -> list[str]:
+        """The model folders in the repository."""
+        return self._repository.on_disk()
+
+    async def load(self, name: str) -> None:
+        """Load ``name`` here, then on every sibling."""
+        await self._repository.load(name)
+        await self._siblings.repeat_change(True, name)
+
+    async def unload(self, name: str) -> None:
+        """Unload ``name`` here, then on every sibling."""
+        await self._repository.unload(name)
+        await self._siblings.repeat_change(False, name)
