@@ -66,15 +66,24 @@ def probabilities(reply_map: pb.ScoreMap) -> np.ndarray:
     return np.frombuffer(reply_map.fp32_probabilities, np.float32).reshape(tuple(reply_map.shape))
 
 
+CLASSIFY_IMAGES = 128
+"""The most images the server takes in one Classify of digits (max_batch_size 32 x 4)."""
+
+
 def classify_all(stub, images: list[np.ndarray]) -> np.ndarray:
-    """Full probability vectors ([N, 10]) from Classify, one image per row."""
-    reply = stub.Classify(
-        pb.ClassifyRequest(
-            model="digits", top_k=10, images=[pb.Image(encoded=png(image)) for image in images]
-        )
-    )
+    """Full probability vectors ([N, 10]) from Classify, one image per row.
+
+    Sent :data:`CLASSIFY_IMAGES` at a time, the most one request may carry.
+    """
     out = np.zeros((len(images), 10), np.float32)
-    for row, result in enumerate(reply.results):
-        for entry in result.top:
-            out[row, entry.index] = entry.probability
+    for start in range(0, len(images), CLASSIFY_IMAGES):
+        part = images[start : start + CLASSIFY_IMAGES]
+        reply = stub.Classify(
+            pb.ClassifyRequest(
+                model="digits", top_k=10, images=[pb.Image(encoded=png(image)) for image in part]
+            )
+        )
+        for row, result in enumerate(reply.results, start):
+            for entry in result.top:
+                out[row, entry.index] = entry.probability
     return out

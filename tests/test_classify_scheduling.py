@@ -179,7 +179,15 @@ def test_a_reload_in_the_middle_of_a_classify_lets_all_its_chunks_run(tmp_path: 
         images=[pb.Image(tensor=pb.Tensor(shape=[1024], fp32_data=row.tobytes())) for row in rows],
     )
     with (
-        ServerProcess(tmp_path, "--model-control-mode", "explicit", "--load-model", "*") as server,
+        ServerProcess(
+            tmp_path,
+            "--model-control-mode",
+            "explicit",
+            "--load-model",
+            "*",
+            "--max-images-per-request",  # 256 chunks: room for the reload to land among them
+            "1024",
+        ) as server,
         grpc.insecure_channel(server.grpc_address) as channel,
         triton.InferenceServerClient(server.grpc_address) as control,
         ThreadPoolExecutor(2) as pool,

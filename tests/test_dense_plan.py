@@ -180,12 +180,21 @@ def test_limits_come_from_the_settings() -> None:
         cells=settings.max_map_cells,
         pixels=settings.max_dense_pixels,
         elements=settings.max_tensor_elements,
+        response_bytes=settings.max_response_bytes,
+        memory_bytes=settings.dense_memory_bytes,
+        bytes_per_pixel=settings.dense_bytes_per_pixel,
     )
 
 
 def _model(shape: list[int], dense: DenseGeometry | None, channels: int | None = None):
-    info = SimpleNamespace(dense=dense, channels=channels)
-    return SimpleNamespace(name="m", info=info, inputs=[SimpleNamespace(shape=shape)])
+    info = SimpleNamespace(dense=dense, channels=channels, labels=None)
+    return SimpleNamespace(
+        name="m",
+        info=info,
+        inputs=[SimpleNamespace(shape=shape)],
+        outputs=[SimpleNamespace(shape=[-1, 10])],
+        max_batch_size=32,
+    )
 
 
 def test_target_takes_the_classifier_geometry_or_else_the_twins() -> None:

@@ -35,7 +35,7 @@ class Classification:
     def __init__(self, plane: DataPlane, settings: Settings, executor: Executor) -> None:
         self._lookup = ModelLookup(plane)
         inputs = ImageInputs(settings, executor)
-        self._classify = Classify(self._lookup, inputs, plane)
+        self._classify = Classify(self._lookup, inputs, plane, settings.max_images_per_request)
         self._dense = ClassifyDense(
             self._lookup, inputs, plane, DenseLimits.from_settings(settings)
         )

@@ -4,15 +4,16 @@ Classify (many images) and ClassifyDense (copies, crops, several scales) hand th
 batches larger than a model's ``max_batch_size``. :class:`ChunkedInference` splits them into
 chunks of that size and keeps at most ``CHUNKS_IN_FLIGHT`` of one client request queued at a
 time, so the request neither fills the model's queue (turning other clients away) nor runs alone
-for long; the first chunk that fails cancels the rest.
+for long: other clients' requests queue between its chunks. A chunk's rows can be built only
+when it is its turn (decoded, copied or cropped), so a request's inputs are never all in memory
+at once. The first chunk that fails cancels the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterator
 
 import numpy as np
 
@@ -20,9 +21,8 @@ from service.core.types import InferenceRequest
 from service.engine.dataplane import DataPlane, Outcome
 from service.engine.repository import ServedModel
 
-__all__ = ["CHUNKS_IN_FLIGHT", "ChunkedInference", "all_of", "held"]
+__all__ = ["CHUNKS_IN_FLIGHT", "ChunkedInference", "held"]
 
-T = TypeVar("T")
 
 # Enough to fill a few instances' batches back to back, few enough to leave room in the queue
 # for other clients.
@@ -43,17 +43,6 @@ def held(*models: ServedModel | None) -> Iterator[None]:
         yield
 
 
-async def all_of(awaitables: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
-    """Every result in order; the first failure (or the caller's cancellation) cancels the rest."""
-    tasks = [asyncio.ensure_future(a) for a in awaitables]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        raise
-
-
 class ChunkedInference:
     """One client request's inference, in chunks of each model's batch size.
 
@@ -61,30 +50,70 @@ class ChunkedInference:
         plane: the data plane every chunk goes through.
         deadline: the client's deadline on the monotonic clock, if it set one.
         outcome: filled with the model and version that answered.
-        shared: one budget of ``CHUNKS_IN_FLIGHT`` for every :meth:`rows` call (every scale of
-            a ClassifyDense); otherwise each call has its own.
     """
 
-    def __init__(
-        self, plane: DataPlane, deadline: float | None, outcome: Outcome, *, shared: bool = False
-    ) -> None:
+    def __init__(self, plane: DataPlane, deadline: float | None, outcome: Outcome) -> None:
         self._plane = plane
         self._deadline = deadline
         self._outcome = outcome
-        self._slots = asyncio.Semaphore(CHUNKS_IN_FLIGHT) if shared else None
 
     async def rows(self, model: ServedModel, batch: np.ndarray) -> np.ndarray:
         """``model``'s first output for every row of ``batch``, in order."""
         step = model.max_batch_size or 1
-        if len(batch) <= step and self._slots is None:  # awaited in place: a task costs loop turns
+        if len(batch) <= step:  # awaited in place: a task costs loop turns
             return await self._run(model, batch)
-        slots = self._slots or asyncio.Semaphore(CHUNKS_IN_FLIGHT)
 
-        async def chunk(start: int) -> np.ndarray:
-            async with slots:
-                return await self._run(model, batch[start : start + step])
+        async def part(start: int, stop: int) -> np.ndarray:
+            return batch[start:stop]
 
-        return np.concatenate(await all_of([chunk(i) for i in range(0, len(batch), step)]))
+        return np.concatenate(await self.stream(model, len(batch), part))
+
+    async def stream(
+        self,
+        model: ServedModel,
+        count: int,
+        make: Callable[[int, int], Awaitable[np.ndarray]],
+        step: int = 0,
+        in_flight: int = CHUNKS_IN_FLIGHT,
+    ) -> list[np.ndarray]:
+        """``model``'s first output for rows ``0..count``, one array per chunk, in order.
+
+        ``make(start, stop)`` builds a chunk's rows only once a place in flight is free, so a
+        request holds the inputs of at most ``in_flight`` chunks (each of ``step`` rows, by
+        default the model's batch size) and its next chunk is built while the last ones run.
+        The first failure (or the caller's cancellation) cancels the chunks in flight.
+        """
+        step = step or model.max_batch_size or 1
+        slots = asyncio.Semaphore(in_flight)
+        tasks: list[asyncio.Task[np.ndarray]] = []
+
+        async def run(rows: np.ndarray) -> np.ndarray:
+            try:
+                return await self._run(model, rows)
+            finally:
+                slots.release()
+
+        try:
+            for start in range(0, count, step):
+                await slots.acquire()
+                failed = next(
+                    (t for t in tasks if t.done() and not t.cancelled() and t.exception()), None
+                )
+                if failed is not None:  # no more chunks for a request that has failed
+                    slots.release()
+                    await failed
+                try:
+                    rows = await make(start, min(start + step, count))
+                except BaseException:
+                    slots.release()
+                    raise
+                tasks.append(asyncio.ensure_future(run(rows)))
+                del rows  # held by its task only, so its memory goes when the chunk is done
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
 
     async def _run(self, model: ServedModel, batch: np.ndarray) -> np.ndarray:
         spec = model.inputs[0]

@@ -1,9 +1,12 @@
 """Image inputs: encoded images or preprocessed tensors, checked, decoded and preprocessed.
 
 Every header is read on the event loop first (cheap: Pillow opens lazily), so a refused image
-costs no hop to a thread. Tiny images are then decoded and preprocessed on the loop, where the
-hop to a decoding thread and back would cost more CPU than the decoding; larger ones, and every
-ClassifyDense image, go to the decoding threads (Pillow releases the GIL while decoding).
+costs no hop to a thread; many headers are read a batch at a time, letting other requests run
+in between. The images are then decoded and preprocessed a chunk at a time (see
+:meth:`ImageInputs.window_tensors`): tiny ones on the loop while a chunk's tiny pixels are few,
+since the hop to a decoding thread and back would cost more CPU than the decoding; larger ones,
+a chunk's many tiny ones together, and every ClassifyDense image on the decoding threads
+(Pillow releases the GIL while decoding).
 """
 
 from __future__ import annotations
@@ -97,34 +100,73 @@ class ImageInputs:
 
     def decode(self, model: ServedModel, image: ImageInput) -> Image.Image:
         """An encoded image, checked and decoded into the model's colour mode."""
-        opened = self.open(model, image)
+        return self.load(model, self.open(model, image))
+
+    def load(self, model: ServedModel, opened: Image.Image) -> Image.Image:
+        """The pixels of an image :meth:`open` read the header of, in the model's colour mode."""
         assert model.info.preprocess is not None  # checked by open
         return images.load(opened, model.info.preprocess.color)
 
     async def tensors(self, model: ServedModel, inputs: Sequence[ImageInput]) -> list[np.ndarray]:
-        """Every image as the network's input: tiny ones here, the rest on decoding threads.
+        """Every image as the network's input (:meth:`open_all`, then :meth:`window_tensors`)."""
+        return await self.window_tensors(model, inputs, await self.open_all(model, inputs))
 
-        Every header is read here first (each is read once), so a refused image costs no hop.
+    async def open_all(
+        self, model: ServedModel, inputs: Sequence[ImageInput], step: int = 0
+    ) -> list[Image.Image | None]:
+        """Every encoded image's header (None for a tensor), read and checked, nothing decoded.
+
+        Read ``step`` at a time (0: all at once), other requests running in between; then the
+        images together are checked against the request's limits.
         """
-        opened = [None if image.tensor is not None else self.open(model, image) for image in inputs]
+        step = step or len(inputs)
+        opened: list[Image.Image | None] = []
+        for start in range(0, len(inputs), step):
+            if start:
+                await asyncio.sleep(0)
+            opened += [
+                None if image.tensor is not None else self.open(model, image)
+                for image in inputs[start : start + step]
+            ]
         self._check_request_size(model, inputs, opened)
+        return opened
+
+    async def window_tensors(
+        self,
+        model: ServedModel,
+        inputs: Sequence[ImageInput],
+        opened: Sequence[Image.Image | None],
+    ) -> list[np.ndarray]:
+        """The network's input for each of ``inputs`` (one chunk), whose headers are ``opened``.
+
+        Tiny images are decoded here on the loop while their pixels together stay within
+        :data:`INLINE_PIXELS`, else together on one decoding thread; each larger image on a
+        decoding thread of its own, so that several decode at once.
+        """
         tiny = [o is None or o.width * o.height <= INLINE_PIXELS for o in opened]
-        tensors = {
-            index: _window_tensor(model, inputs[index], opened[index])
-            for index in range(len(inputs))
-            if tiny[index]
-        }
-        threaded = [index for index in range(len(inputs)) if not tiny[index]]
-        if not threaded:
-            return [tensors[index] for index in range(len(inputs))]
-        # Started only here, so a tiny image's error above leaves no coroutine never awaited.
-        done = await asyncio.gather(
-            *(
-                self.off_loop(_window_tensor, model, inputs[index], opened[index])
-                for index in threaded
+        tiny_pixels = sum(o.width * o.height for o, t in zip(opened, tiny, strict=True) if o and t)
+        groups = [[index] for index in range(len(inputs)) if not tiny[index]]
+        tensors: dict[int, np.ndarray] = {}
+        small = [index for index in range(len(inputs)) if tiny[index]]
+        if tiny_pixels <= INLINE_PIXELS:
+            tensors.update((i, _window_tensor(model, inputs[i], opened[i])) for i in small)
+        elif small:
+            groups.insert(0, small)
+        if groups:
+            # Started only here, so a tiny image's error above leaves no coroutine never awaited.
+            done = await asyncio.gather(
+                *(
+                    self.off_loop(
+                        _window_tensors,
+                        model,
+                        [inputs[i] for i in group],
+                        [opened[i] for i in group],
+                    )
+                    for group in groups
+                )
             )
-        )
-        tensors.update(zip(threaded, done, strict=True))
+            for group, results in zip(groups, done, strict=True):
+                tensors.update(zip(group, results, strict=True))
         return [tensors[index] for index in range(len(inputs))]
 
     def _check_request_size(
@@ -154,6 +196,15 @@ class ImageInputs:
                 f"the {len(inputs)} images make {elements} input elements; the server accepts "
                 f"at most {self._max_elements} per request: send fewer images at a time"
             )
+
+
+def _window_tensors(
+    model: ServedModel, inputs: Sequence[ImageInput], opened: Sequence[Image.Image | None]
+) -> list[np.ndarray]:
+    """:func:`_window_tensor` of each image, in order (one decoding thread's job)."""
+    return [
+        _window_tensor(model, image, header) for image, header in zip(inputs, opened, strict=True)
+    ]
 
 
 def _window_tensor(model: ServedModel, image: ImageInput, opened: Image.Image | None) -> np.ndarray:

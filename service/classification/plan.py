@@ -2,8 +2,9 @@
 
 A :class:`DensePlan` is built once per request, from the query, the models that evaluate it,
 their geometry and the image's size. Building it checks every limit (shifted and scaled copies,
-cells, the pixels of the dense pass, the input elements of every copy or crop), so a request
-over any of them is refused before anything is resized, copied or run.
+cells, the pixels of the dense pass, the input elements of every copy or crop, the answer's size
+and the request's peak memory, see :mod:`service.classification.budget`), so a request over any
+of them is refused before anything is resized, copied or run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from model_format import DenseGeometry, cell_counts
+from model_format.map_size import MAP_FORMATS
+from service.classification import budget
 from service.classification.labels import DEFAULT_TOP_K
 from service.core.errors import InvalidArgument, ResourceExhausted
 from service.core.settings import Settings
@@ -35,12 +38,19 @@ class DenseQuery:
     pool: str = "mean"
     mode: str = "dense"
     return_map: bool = True
+    map_format: str = "fp32"
+
+    @property
+    def k(self) -> int:
+        """The labels answered, and the classes per cell of a top-k map."""
+        return self.top_k or DEFAULT_TOP_K
 
     def check(self) -> None:
         """Refuse options outside their ranges, before any model is looked up.
 
         Raises:
-            InvalidArgument: the stride divisor, a scale, the pool or the mode is unknown.
+            InvalidArgument: the stride divisor, a scale, the pool, the mode or the map format
+                is unknown.
         """
         if not 1 <= self.divisor <= MAX_DIVISOR:
             raise InvalidArgument(f"stride_divisor must be 1..{MAX_DIVISOR}, got {self.divisor}")
@@ -50,20 +60,27 @@ class DenseQuery:
             )
         if self.pool not in ("mean", "max") or self.mode not in ("dense", "crops"):
             raise InvalidArgument("pool must be mean or max, and mode dense or crops")
+        if self.map_format not in MAP_FORMATS:
+            raise InvalidArgument(f"map_format must be one of {', '.join(MAP_FORMATS)}")
 
 
 @dataclass(frozen=True)
 class DenseLimits:
     """What one ClassifyDense request may ask for.
 
-    The dense pass's pixels are bounded because the network's activations grow with them;
-    crops go through in batches of the model's size, so only their input elements count.
+    The dense pass's pixels may be capped (0: no cap of their own); its memory, activations
+    included, is bounded by ``memory_bytes`` (``bytes_per_pixel`` 0: the estimate, see
+    :mod:`service.classification.budget`); crops go through in batches of the model's size, so
+    only their input elements count. The answer is bounded by ``response_bytes``.
     """
 
     copies: int
     cells: int
     pixels: int
     elements: int
+    response_bytes: int = 4 << 20
+    memory_bytes: int = 1 << 30
+    bytes_per_pixel: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DenseLimits:
@@ -73,17 +90,27 @@ class DenseLimits:
             cells=settings.max_map_cells,
             pixels=settings.max_dense_pixels,
             elements=settings.max_tensor_elements,
+            response_bytes=settings.max_response_bytes,
+            memory_bytes=settings.dense_memory_bytes,
+            bytes_per_pixel=settings.dense_bytes_per_pixel,
         )
 
 
 @dataclass(frozen=True)
 class DenseTarget:
-    """What evaluates a map: the classifier, its dense twin (dense mode), their geometry."""
+    """What evaluates a map: the classifier, its dense twin (dense mode), their geometry.
+
+    ``classes`` (0: unknown) and ``label_bytes`` (the longest label) size the answer; ``batch``
+    is the most rows one pass of the model that evaluates the map takes.
+    """
 
     classifier: ServedModel
     twin: ServedModel | None
     geometry: DenseGeometry
     channels: int
+    classes: int = 0
+    label_bytes: int = 0
+    batch: int = 1
 
     @classmethod
     def of(cls, classifier: ServedModel, twin: ServedModel | None) -> DenseTarget:
@@ -100,7 +127,16 @@ class DenseTarget:
         shape = classifier.inputs[0].shape
         declared = shape[1] if len(shape) > 1 else 1
         channels = declared if declared > 0 else (classifier.info.channels or 3)
-        return cls(classifier, twin, geometry, channels)
+        labels = classifier.info.labels or ()
+        return cls(
+            classifier,
+            twin,
+            geometry,
+            channels,
+            _classes(classifier, twin) or len(labels),
+            max((len(label.encode()) for label in labels), default=10),
+            (twin or classifier).max_batch_size or 1,
+        )
 
 
 @dataclass(frozen=True)
@@ -129,6 +165,8 @@ class DensePlan:
     cells: int
     pixels: int
     elements: int
+    rows: tuple[int, ...] = ()
+    answer_bytes: int = 0
 
     @property
     def geometry(self) -> DenseGeometry:
@@ -157,7 +195,8 @@ class DensePlan:
         """The plan for an image of ``size`` (height, width), every limit checked.
 
         Raises:
-            ResourceExhausted: too many copies, cells, dense-pass pixels or input elements.
+            ResourceExhausted: too many copies, cells, dense-pass pixels or input elements, an
+                answer too large, or more memory than one request may take.
             InvalidArgument: the stride is not divisible by the divisor, or a scaled image is
                 smaller than the model's window.
         """
@@ -180,7 +219,7 @@ class DensePlan:
         else:
             pixels = sum(int(np.prod(p.size)) * query.divisor ** len(p.size) for p in passes)
             elements = target.channels * pixels
-        if pixels > limits.pixels:
+        if limits.pixels and pixels > limits.pixels:
             raise ResourceExhausted(
                 f"the dense pass would take {pixels} pixels (every scale and shifted copy); the "
                 f"server takes at most {limits.pixels}: send a smaller image or fewer "
@@ -196,7 +235,10 @@ class DensePlan:
                 f"the request needs {elements} input elements ({query.mode} mode, every copy and "
                 f"scale); the server takes at most {limits.elements} (max_tensor_elements)"
             )
-        return cls(target, query, size, deadline, passes, cells, pixels, elements)
+        answer = budget.answer_bytes(target, query, passes[0], query.k)
+        budget.check_answer(answer, passes[0], query, limits)
+        rows = budget.runtime_rows(target, query, size, passes, answer, limits)
+        return cls(target, query, size, deadline, passes, cells, pixels, elements, rows, answer)
 
 
 def _scale_pass(
@@ -211,6 +253,15 @@ def _scale_pass(
         )
     counts = cell_counts(scaled, geometry.window, geometry.stride, query.divisor)
     return ScalePass(scale, scaled, counts)
+
+
+def _classes(classifier: ServedModel, twin: ServedModel | None) -> int:
+    """The classes of a map: the classifier's scores a row, or the twin's channels (0: unknown)."""
+    scores = classifier.outputs[0].shape
+    if len(scores) == 2 and scores[1] > 0:
+        return scores[1]
+    maps = twin.outputs[0].shape if twin is not None else ()
+    return maps[1] if len(maps) > 2 and maps[1] > 0 else 0
 
 
 def _size(shape: Sequence[int]) -> str:

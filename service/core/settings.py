@@ -107,9 +107,31 @@ class Settings:
         "most pixels of all the encoded images in one Classify together, checked from the headers",
     )
     max_dense_pixels: int = _setting(
-        1 << 22,
-        "most pixels one dense pass may take, over every scale and shifted copy (its transient "
-        "memory grows with them)",
+        0,
+        "most pixels one dense request may take, over every scale and shifted copy (0: no fixed "
+        "cap; the pixels of one pass follow from --dense-memory-bytes)",
+    )
+    dense_memory_bytes: int = _setting(
+        1 << 30,
+        "most memory one dense request may take at its peak (its arrays and the model's "
+        "activations of the largest pass it hands the runtime); its shifted copies go to the "
+        "runtime in passes of as many as fit, a single copy that does not fit is refused",
+    )
+    dense_bytes_per_pixel: int = _setting(
+        0,
+        "runtime memory (activations) one input pixel of a dense twin's pass takes (0: an "
+        "estimate that covers 64 float32 channels at full resolution)",
+    )
+    max_response_bytes: int = _setting(
+        4 << 20,
+        "largest ClassifyDense answer, sized from the geometry before any compute (gRPC and "
+        "tritonclient clients accept 4 MiB unless told more); --max-message-bytes stays the "
+        "transport's limit",
+    )
+    max_images_per_request: int = _setting(
+        0,
+        "most images one Classify may carry (0: the model's max_batch_size x 4, one full round "
+        "of the chunks a request keeps in flight)",
     )
     max_map_cells: int = _setting(
         1 << 20, "largest score map a dense request may ask for (cells over all copies)"
@@ -228,7 +250,11 @@ class Settings:
             "max_image_pixels": self.max_image_pixels >= 1,
             "max_request_pixels": self.max_request_pixels >= 1,
             "max_map_cells": self.max_map_cells >= 1,
-            "max_dense_pixels": self.max_dense_pixels >= 1,
+            "max_dense_pixels": self.max_dense_pixels >= 0,
+            "dense_memory_bytes": self.dense_memory_bytes >= 1 << 20,
+            "dense_bytes_per_pixel": self.dense_bytes_per_pixel >= 0,
+            "max_response_bytes": self.max_response_bytes >= 1024,
+            "max_images_per_request": self.max_images_per_request >= 0,
             "max_dense_copies": self.max_dense_copies >= 1,
             "drain_grace_seconds": self.drain_grace_seconds >= 0,
             "max_connection_age": self.max_connection_age >= 0,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, TypeAlias
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeAlias, overload
 
 import grpc
 import numpy as np
@@ -27,6 +27,12 @@ __all__ = ["ClassifierServicer"]
 Context: TypeAlias = grpc.aio.ServicerContext
 _POOLS = {pb.POOL_MEAN: "mean", pb.POOL_MAX: "max"}
 _MODES = {pb.MODE_DENSE: "dense", pb.MODE_CROPS: "crops"}
+_MAP_FORMATS = {
+    pb.MAP_FORMAT_FP32: "fp32",
+    pb.MAP_FORMAT_FP16: "fp16",
+    pb.MAP_FORMAT_TOP_K: "top_k",
+}
+_MAP_FORMAT_NUMBERS = {name: number for number, name in _MAP_FORMATS.items()}
 
 
 def _image(message: pb.Image, max_elements: int) -> ImageInput:
@@ -38,6 +44,36 @@ def _image(message: pb.Image, max_elements: int) -> ImageInput:
         return ImageInput(tensor=tensor)
     # None: neither is set (an empty ``encoded`` is set, and refused as an empty image).
     return ImageInput(encoded=message.encoded if source else None)
+
+
+class _Images(Sequence[ImageInput]):
+    """A Classify's images, each converted when it is first read.
+
+    A request refused for its image count (checked before any image is read) then costs
+    nothing per image, however many it carries.
+    """
+
+    def __init__(self, messages: Sequence[pb.Image], max_elements: int) -> None:
+        self._messages = messages
+        self._max_elements = max_elements
+        self._converted: dict[int, ImageInput] = {}
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    @overload
+    def __getitem__(self, index: int) -> ImageInput: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[ImageInput]: ...
+
+    def __getitem__(self, index: int | slice) -> ImageInput | Sequence[ImageInput]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]  # a negative index counts from the end; out of range
+        if index not in self._converted:
+            self._converted[index] = _image(self._messages[index], self._max_elements)
+        return self._converted[index]
 
 
 def _label(entry: Labelled) -> pb.Label:
@@ -75,13 +111,32 @@ def _dense_response(result: DenseResult, query: DenseQuery) -> pb.ClassifyDenseR
             box=list(entry.box),
         )
     if result.probabilities is not None:
-        probabilities = np.ascontiguousarray(result.probabilities, np.float32)
-        response.map.shape.extend(probabilities.shape)
-        response.map.fp32_probabilities = probabilities.tobytes()
-        response.map.scale = result.scales[0]
-        for starts in result.starts:
-            response.map.cell_starts.add(starts=starts)
+        _score_map(response.map, result)
     return response
+
+
+def _score_map(score_map: pb.ScoreMap, result: DenseResult) -> None:
+    """The map in its format; every array little-endian, as classifier.proto says."""
+    assert result.probabilities is not None
+    score_map.shape.extend(result.probabilities.shape)
+    score_map.format = _MAP_FORMAT_NUMBERS[result.map_format]
+    score_map.classes = result.classes
+    score_map.scale = result.scales[0]
+    if result.map_format == "fp32":
+        score_map.fp32_probabilities = _little_endian(result.probabilities, "<f4")
+    elif result.map_format == "fp16":
+        score_map.fp16_probabilities = _little_endian(result.probabilities, "<f2")
+    else:
+        assert result.top_classes is not None
+        index_type = "u1" if result.top_classes.dtype.itemsize == 1 else "<u2"
+        score_map.top_classes = _little_endian(result.top_classes, index_type)
+        score_map.top_probabilities = _little_endian(result.probabilities, "<f2")
+    for starts in result.starts:
+        score_map.cell_starts.add(starts=starts)
+
+
+def _little_endian(values: np.ndarray, dtype: str) -> bytes:
+    return np.ascontiguousarray(values, np.dtype(dtype)).tobytes()
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
@@ -95,10 +150,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def Classify(
         self, request: pb.ClassifyRequest, context: Context, outcome: Outcome
     ) -> pb.ClassifyResponse:
-        inputs = [_image(image, self._max_elements) for image in request.images]
         model, results = await self._classification.classify(
             ModelRef(request.model, request.version),
-            inputs,
+            _Images(request.images, self._max_elements),
             request.top_k,
             deadline_of(context),
             outcome,
@@ -120,6 +174,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             pool=_known(_POOLS, request.pool, "pool", pb.Pool),
             mode=_known(_MODES, request.mode, "mode", pb.Mode),
             return_map=request.return_map if request.HasField("return_map") else True,
+            map_format=_known(_MAP_FORMATS, request.map_format, "map_format", pb.MapFormat),
         )
         image = _image(request.image, self._max_elements)
         result = await self._classification.classify_dense(

@@ -26,17 +26,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x1d\x63onvserve/v1/classifier.proto\x12\x0c\x63onvserve.v1\"*\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x11\n\tfp32_data\x18\x02 \x01(\x0c\"L\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.convserve.v1.TensorH\x00\x42\x08\n\x06source\":\n\x05Label\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"e\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.convserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\"2\n\x0e\x43lassification\x12 \n\x03top\x18\x01 \x03(\x0b\x32\x13.convserve.v1.Label\"a\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.convserve.v1.Classification\"\xfd\x01\n\x14\x43lassifyDenseRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\"\n\x05image\x18\x03 \x01(\x0b\x32\x13.convserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x16\n\x0estride_divisor\x18\x05 \x01(\r\x12\x0e\n\x06scales\x18\x06 \x03(\x02\x12 \n\x04pool\x18\x07 \x01(\x0e\x32\x12.convserve.v1.Pool\x12\x17\n\nreturn_map\x18\x08 \x01(\x08H\x00\x88\x01\x01\x12 \n\x04mode\x18\t \x01(\x0e\x32\x12.convserve.v1.ModeB\r\n\x0b_return_map\"\x8f\x01\n\x08Geometry\x12\x0e\n\x06stride\x18\x01 \x03(\x05\x12\x0e\n\x06window\x18\x02 \x03(\x05\x12\x0e\n\x06offset\x18\x03 \x03(\x05\x12\x17\n\x0freceptive_field\x18\x04 \x03(\x05\x12\r\n\x05\x65xact\x18\x05 \x01(\x08\x12\x13\n\x0bmax_abs_dev\x18\x06 \x01(\x02\x12\x16\n\x0etop1_agreement\x18\x07 \x01(\x02\"s\n\x08ScoreMap\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1a\n\x12\x66p32_probabilities\x18\x02 \x01(\x0c\x12\r\n\x05scale\x18\x03 \x01(\x02\x12-\n\x0b\x63\x65ll_starts\x18\x04 \x03(\x0b\x32\x18.convserve.v1.CellStarts\"\x1c\n\nCellStarts\x12\x0e\n\x06starts\x18\x01 \x03(\x05\"_\n\nDenseLabel\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\x11\n\tbest_cell\x18\x04 \x03(\r\x12\x0b\n\x03\x62ox\x18\x05 \x03(\x05\"\x90\x02\n\x15\x43lassifyDenseResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12 \n\x04mode\x18\x03 \x01(\x0e\x32\x12.convserve.v1.Mode\x12(\n\x08geometry\x18\x04 \x01(\x0b\x32\x16.convserve.v1.Geometry\x12#\n\x03map\x18\x05 \x01(\x0b\x32\x16.convserve.v1.ScoreMap\x12%\n\x03top\x18\x06 \x03(\x0b\x32\x18.convserve.v1.DenseLabel\x12 \n\x04pool\x18\x07 \x01(\x0e\x32\x12.convserve.v1.Pool\x12\x0e\n\x06scales\x18\x08 \x03(\x02\x12\r\n\x05\x63\x65lls\x18\t \x01(\x04\"\x13\n\x11ListModelsRequest\"\x9c\x01\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x01(\r\x12\x0e\n\x06window\x18\x04 \x03(\x05\x12\x10\n\x08\x63hannels\x18\x05 \x01(\r\x12\r\n\x05\x64\x65nse\x18\x06 \x01(\x08\x12(\n\x08geometry\x18\x07 \x01(\x0b\x32\x16.convserve.v1.Geometry\"D\n\x12ListModelsResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.convserve.v1.ModelDescription*#\n\x04Pool\x12\r\n\tPOOL_MEAN\x10\x00\x12\x0c\n\x08POOL_MAX\x10\x01*&\n\x04Mode\x12\x0e\n\nMODE_DENSE\x10\x00\x12\x0e\n\nMODE_CROPS\x10\x01\x32\x88\x02\n\nClassifier\x12K\n\x08\x43lassify\x12\x1d.convserve.v1.ClassifyRequest\x1a\x1e.convserve.v1.ClassifyResponse\"\x00\x12Z\n\rClassifyDense\x12\".convserve.v1.ClassifyDenseRequest\x1a#.convserve.v1.ClassifyDenseResponse\"\x00\x12Q\n\nListModels\x12\x1f.convserve.v1.ListModelsRequest\x1a .convserve.v1.ListModelsResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x1d\x63onvserve/v1/classifier.proto\x12\x0c\x63onvserve.v1\"*\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x11\n\tfp32_data\x18\x02 \x01(\x0c\"L\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.convserve.v1.TensorH\x00\x42\x08\n\x06source\":\n\x05Label\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"e\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.convserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\"2\n\x0e\x43lassification\x12 \n\x03top\x18\x01 \x03(\x0b\x32\x13.convserve.v1.Label\"a\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.convserve.v1.Classification\"\xaa\x02\n\x14\x43lassifyDenseRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\"\n\x05image\x18\x03 \x01(\x0b\x32\x13.convserve.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x16\n\x0estride_divisor\x18\x05 \x01(\r\x12\x0e\n\x06scales\x18\x06 \x03(\x02\x12 \n\x04pool\x18\x07 \x01(\x0e\x32\x12.convserve.v1.Pool\x12\x17\n\nreturn_map\x18\x08 \x01(\x08H\x00\x88\x01\x01\x12 \n\x04mode\x18\t \x01(\x0e\x32\x12.convserve.v1.Mode\x12+\n\nmap_format\x18\n \x01(\x0e\x32\x17.convserve.v1.MapFormatB\r\n\x0b_return_map\"\x8f\x01\n\x08Geometry\x12\x0e\n\x06stride\x18\x01 \x03(\x05\x12\x0e\n\x06window\x18\x02 \x03(\x05\x12\x0e\n\x06offset\x18\x03 \x03(\x05\x12\x17\n\x0freceptive_field\x18\x04 \x03(\x05\x12\r\n\x05\x65xact\x18\x05 \x01(\x08\x12\x13\n\x0bmax_abs_dev\x18\x06 \x01(\x02\x12\x16\n\x0etop1_agreement\x18\x07 \x01(\x02\"\xf9\x01\n\x08ScoreMap\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1a\n\x12\x66p32_probabilities\x18\x02 \x01(\x0c\x12\r\n\x05scale\x18\x03 \x01(\x02\x12-\n\x0b\x63\x65ll_starts\x18\x04 \x03(\x0b\x32\x18.convserve.v1.CellStarts\x12\'\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x17.convserve.v1.MapFormat\x12\x1a\n\x12\x66p16_probabilities\x18\x06 \x01(\x0c\x12\x13\n\x0btop_classes\x18\x07 \x01(\x0c\x12\x19\n\x11top_probabilities\x18\x08 \x01(\x0c\x12\x0f\n\x07\x63lasses\x18\t \x01(\r\"\x1c\n\nCellStarts\x12\x0e\n\x06starts\x18\x01 \x03(\x05\"_\n\nDenseLabel\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\x11\n\tbest_cell\x18\x04 \x03(\r\x12\x0b\n\x03\x62ox\x18\x05 \x03(\x05\"\x90\x02\n\x15\x43lassifyDenseResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12 \n\x04mode\x18\x03 \x01(\x0e\x32\x12.convserve.v1.Mode\x12(\n\x08geometry\x18\x04 \x01(\x0b\x32\x16.convserve.v1.Geometry\x12#\n\x03map\x18\x05 \x01(\x0b\x32\x16.convserve.v1.ScoreMap\x12%\n\x03top\x18\x06 \x03(\x0b\x32\x18.convserve.v1.DenseLabel\x12 \n\x04pool\x18\x07 \x01(\x0e\x32\x12.convserve.v1.Pool\x12\x0e\n\x06scales\x18\x08 \x03(\x02\x12\r\n\x05\x63\x65lls\x18\t \x01(\x04\"\x13\n\x11ListModelsRequest\"\x9c\x01\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x01(\r\x12\x0e\n\x06window\x18\x04 \x03(\x05\x12\x10\n\x08\x63hannels\x18\x05 \x01(\r\x12\r\n\x05\x64\x65nse\x18\x06 \x01(\x08\x12(\n\x08geometry\x18\x07 \x01(\x0b\x32\x16.convserve.v1.Geometry\"D\n\x12ListModelsResponse\x12.\n\x06models\x18\x01 \x03(\x0b\x32\x1e.convserve.v1.ModelDescription*#\n\x04Pool\x12\r\n\tPOOL_MEAN\x10\x00\x12\x0c\n\x08POOL_MAX\x10\x01*&\n\x04Mode\x12\x0e\n\nMODE_DENSE\x10\x00\x12\x0e\n\nMODE_CROPS\x10\x01*K\n\tMapFormat\x12\x13\n\x0fMAP_FORMAT_FP32\x10\x00\x12\x13\n\x0fMAP_FORMAT_FP16\x10\x01\x12\x14\n\x10MAP_FORMAT_TOP_K\x10\x02\x32\x88\x02\n\nClassifier\x12K\n\x08\x43lassify\x12\x1d.convserve.v1.ClassifyRequest\x1a\x1e.convserve.v1.ClassifyResponse\"\x00\x12Z\n\rClassifyDense\x12\".convserve.v1.ClassifyDenseRequest\x1a#.convserve.v1.ClassifyDenseResponse\"\x00\x12Q\n\nListModels\x12\x1f.convserve.v1.ListModelsRequest\x1a .convserve.v1.ListModelsResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'convserve.v1.classifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POOL']._serialized_start=1654
-  _globals['_POOL']._serialized_end=1689
-  _globals['_MODE']._serialized_start=1691
-  _globals['_MODE']._serialized_end=1729
+  _globals['_POOL']._serialized_start=1834
+  _globals['_POOL']._serialized_end=1869
+  _globals['_MODE']._serialized_start=1871
+  _globals['_MODE']._serialized_end=1909
+  _globals['_MAPFORMAT']._serialized_start=1911
+  _globals['_MAPFORMAT']._serialized_end=1986
   _globals['_TENSOR']._serialized_start=47
   _globals['_TENSOR']._serialized_end=89
   _globals['_IMAGE']._serialized_start=91
@@ -50,23 +52,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYRESPONSE']._serialized_start=384
   _globals['_CLASSIFYRESPONSE']._serialized_end=481
   _globals['_CLASSIFYDENSEREQUEST']._serialized_start=484
-  _globals['_CLASSIFYDENSEREQUEST']._serialized_end=737
-  _globals['_GEOMETRY']._serialized_start=740
-  _globals['_GEOMETRY']._serialized_end=883
-  _globals['_SCOREMAP']._serialized_start=885
-  _globals['_SCOREMAP']._serialized_end=1000
-  _globals['_CELLSTARTS']._serialized_start=1002
-  _globals['_CELLSTARTS']._serialized_end=1030
-  _globals['_DENSELABEL']._serialized_start=1032
-  _globals['_DENSELABEL']._serialized_end=1127
-  _globals['_CLASSIFYDENSERESPONSE']._serialized_start=1130
-  _globals['_CLASSIFYDENSERESPONSE']._serialized_end=1402
-  _globals['_LISTMODELSREQUEST']._serialized_start=1404
-  _globals['_LISTMODELSREQUEST']._serialized_end=1423
-  _globals['_MODELDESCRIPTION']._serialized_start=1426
-  _globals['_MODELDESCRIPTION']._serialized_end=1582
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1584
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1652
-  _globals['_CLASSIFIER']._serialized_start=1732
-  _globals['_CLASSIFIER']._serialized_end=1996
+  _globals['_CLASSIFYDENSEREQUEST']._serialized_end=782
+  _globals['_GEOMETRY']._serialized_start=785
+  _globals['_GEOMETRY']._serialized_end=928
+  _globals['_SCOREMAP']._serialized_start=931
+  _globals['_SCOREMAP']._serialized_end=1180
+  _globals['_CELLSTARTS']._serialized_start=1182
+  _globals['_CELLSTARTS']._serialized_end=1210
+  _globals['_DENSELABEL']._serialized_start=1212
+  _globals['_DENSELABEL']._serialized_end=1307
+  _globals['_CLASSIFYDENSERESPONSE']._serialized_start=1310
+  _globals['_CLASSIFYDENSERESPONSE']._serialized_end=1582
+  _globals['_LISTMODELSREQUEST']._serialized_start=1584
+  _globals['_LISTMODELSREQUEST']._serialized_end=1603
+  _globals['_MODELDESCRIPTION']._serialized_start=1606
+  _globals['_MODELDESCRIPTION']._serialized_end=1762
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1764
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1832
+  _globals['_CLASSIFIER']._serialized_start=1989
+  _globals['_CLASSIFIER']._serialized_end=2253
 # @@protoc_insertion_point(module_scope)

@@ -16,10 +16,19 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MODE_DENSE: _ClassVar[Mode]
     MODE_CROPS: _ClassVar[Mode]
+
+class MapFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MAP_FORMAT_FP32: _ClassVar[MapFormat]
+    MAP_FORMAT_FP16: _ClassVar[MapFormat]
+    MAP_FORMAT_TOP_K: _ClassVar[MapFormat]
 POOL_MEAN: Pool
 POOL_MAX: Pool
 MODE_DENSE: Mode
 MODE_CROPS: Mode
+MAP_FORMAT_FP32: MapFormat
+MAP_FORMAT_FP16: MapFormat
+MAP_FORMAT_TOP_K: MapFormat
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "fp32_data")
@@ -76,7 +85,7 @@ class ClassifyResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ...) -> None: ...
 
 class ClassifyDenseRequest(_message.Message):
-    __slots__ = ("model", "version", "image", "top_k", "stride_divisor", "scales", "pool", "return_map", "mode")
+    __slots__ = ("model", "version", "image", "top_k", "stride_divisor", "scales", "pool", "return_map", "mode", "map_format")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +95,7 @@ class ClassifyDenseRequest(_message.Message):
     POOL_FIELD_NUMBER: _ClassVar[int]
     RETURN_MAP_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    MAP_FORMAT_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     image: Image
@@ -95,7 +105,8 @@ class ClassifyDenseRequest(_message.Message):
     pool: Pool
     return_map: bool
     mode: Mode
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., top_k: _Optional[int] = ..., stride_divisor: _Optional[int] = ..., scales: _Optional[_Iterable[float]] = ..., pool: _Optional[_Union[Pool, str]] = ..., return_map: bool = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
+    map_format: MapFormat
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., top_k: _Optional[int] = ..., stride_divisor: _Optional[int] = ..., scales: _Optional[_Iterable[float]] = ..., pool: _Optional[_Union[Pool, str]] = ..., return_map: bool = ..., mode: _Optional[_Union[Mode, str]] = ..., map_format: _Optional[_Union[MapFormat, str]] = ...) -> None: ...
 
 class Geometry(_message.Message):
     __slots__ = ("stride", "window", "offset", "receptive_field", "exact", "max_abs_dev", "top1_agreement")
@@ -116,16 +127,26 @@ class Geometry(_message.Message):
     def __init__(self, stride: _Optional[_Iterable[int]] = ..., window: _Optional[_Iterable[int]] = ..., offset: _Optional[_Iterable[int]] = ..., receptive_field: _Optional[_Iterable[int]] = ..., exact: bool = ..., max_abs_dev: _Optional[float] = ..., top1_agreement: _Optional[float] = ...) -> None: ...
 
 class ScoreMap(_message.Message):
-    __slots__ = ("shape", "fp32_probabilities", "scale", "cell_starts")
+    __slots__ = ("shape", "fp32_probabilities", "scale", "cell_starts", "format", "fp16_probabilities", "top_classes", "top_probabilities", "classes")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     FP32_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     CELL_STARTS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    FP16_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    TOP_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    TOP_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     fp32_probabilities: bytes
     scale: float
     cell_starts: _containers.RepeatedCompositeFieldContainer[CellStarts]
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., fp32_probabilities: _Optional[bytes] = ..., scale: _Optional[float] = ..., cell_starts: _Optional[_Iterable[_Union[CellStarts, _Mapping]]] = ...) -> None: ...
+    format: MapFormat
+    fp16_probabilities: bytes
+    top_classes: bytes
+    top_probabilities: bytes
+    classes: int
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., fp32_probabilities: _Optional[bytes] = ..., scale: _Optional[float] = ..., cell_starts: _Optional[_Iterable[_Union[CellStarts, _Mapping]]] = ..., format: _Optional[_Union[MapFormat, str]] = ..., fp16_probabilities: _Optional[bytes] = ..., top_classes: _Optional[bytes] = ..., top_probabilities: _Optional[bytes] = ..., classes: _Optional[int] = ...) -> None: ...
 
 class CellStarts(_message.Message):
     __slots__ = ("starts",)
