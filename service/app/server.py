@@ -39,12 +39,16 @@ from service.engine.metrics import register_gpu_metrics, serve_metrics
 from service.engine.model_control import ModelControl
 from service.engine.poller import RepositoryPoller
 from service.engine.repository import ModelRepository
-from service.engine.runtime import DeviceChoice, available_cores
+from service.engine.runtime import (
+    DeviceChoice,
+    available_cores,
+    return_large_blocks_to_the_os,
+)
 from service.wire.classifier_servicer import ClassifierServicer
 from service.wire.health import Health
 from service.wire.kserve_servicer import KServeServicer
 from service.wire.restrictions import RestrictionInterceptor
-from service.wire.rpc import register
+from service.wire.rpc import CALL_QUEUE_OPTIONS, register
 from service.wire.siblings import EveryWorker, Siblings, socket_path
 
 __all__ = ["run_server"]
@@ -58,6 +62,7 @@ def _grpc_options(settings: Settings, role: WorkerRole | None) -> list[tuple[str
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Shared only among the workers of one supervisor; a lone server must own its port.
         ("grpc.so_reuseport", 1 if role else 0),
+        *CALL_QUEUE_OPTIONS,  # every call reaches the server to be counted, or refused by it
     ]
     if settings.max_connection_age:
         # GOAWAY after this age; in-flight calls get the drain grace to finish.
@@ -347,6 +352,7 @@ async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
     # The inference threads need the GIL back the moment ONNX Runtime returns; Python's default
     # 5 ms switch interval would let the busy event loop keep it that long.
     sys.setswitchinterval(0.0005)
+    return_large_blocks_to_the_os()  # dense passes of varied sizes: idle memory stays flat
     loop = asyncio.get_running_loop()
     log.info("event loop: %s", describe(loop))
     stop = asyncio.Event()

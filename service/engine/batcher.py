@@ -2,7 +2,8 @@
 
 Contract:
 * ``submit`` enqueues a request of ``count`` images (its inputs share a leading batch axis) and
-  returns its own rows of every output. A full queue raises ResourceExhausted at once.
+  returns its own rows of every output. A full queue raises QueueFull (RESOURCE_EXHAUSTED) at
+  once. The bound also holds the requests on their way to the queue (see :meth:`held`).
 * A worker waits for the first request (an Event, no polling). With a zero window it then takes
   whatever has queued, so a lone request pays nothing and batches grow by themselves while an
   instance is busy (work-conserving); with a window it waits until the window, measured from the
@@ -46,7 +47,8 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from service.core.errors import DeadlineExceeded, ResourceExhausted, ServingError, Unavailable
+from service.core.errors import DeadlineExceeded, ServingError, Unavailable
+from service.engine.admission import Door, QueueFull, admitted, arrived
 from service.engine.batch import BatchObserver, Pending, RunBatch, fail_batch, stack_inputs
 from service.engine.model_config import BatchingPolicy
 from service.engine.window import WindowPolicy
@@ -88,6 +90,7 @@ class BatchQueue:
         self._max_queue = policy.max_queue_size
         self._observer = observer
         self._queue: deque[Pending] = deque()
+        self._door = Door(self._max_queue, self.__len__, self._purge)
         self._busy: set[int] = set()  # instances running a batch now
         self._images = 0
         self._arrived = asyncio.Event()
@@ -98,6 +101,10 @@ class BatchQueue:
             asyncio.create_task(self._work(i), name=f"batch-worker-{i}")
             for i in range(len(self._executors))
         ]
+
+    def __len__(self) -> int:
+        """Requests in the queue (some may have expired or lost their caller meanwhile)."""
+        return len(self._queue)
 
     @property
     def may_run_inline(self) -> bool:
@@ -110,18 +117,15 @@ class BatchQueue:
         """Enqueue a request; await the returned future for its rows of every output.
 
         Raises:
-            ResourceExhausted: the queue is full.
+            QueueFull: the queue is full.
             Unavailable: the batcher is closing (the model version is being replaced).
         """
         if self._closing:
             raise Unavailable("the model version is being unloaded; retry")
-        if self._max_queue and len(self._queue) >= self._max_queue and not self._purge():
-            if self._observer:
-                self._observer.dropped("queue_full")
-            raise ResourceExhausted(
-                f"queue full: {len(self._queue)} requests waiting (max_queue_size "
-                f"{self._max_queue}); retry later"
-            )
+        arrived()  # the request's own places at the doors are not others waiting
+        if (waiting := self._door.waiting()) is not None:
+            self._refused()
+            raise QueueFull(waiting, self._door.bound)
         future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
         pending = Pending(inputs, count, key, deadline, future)
         if not self._queue and not self._probing and self._inline():
@@ -141,11 +145,11 @@ class BatchQueue:
         self._arrived.set()
         return future
 
-    def _purge(self) -> bool:
+    def _purge(self) -> int:
         """Drop the queued requests whose caller went away or whose deadline passed.
 
         Called only when the queue looks full, so such dead entries never turn a live request
-        away; True when that made room.
+        away; returns how many requests are left.
         """
         now = time.monotonic()
         alive: deque[Pending] = deque()
@@ -157,22 +161,36 @@ class BatchQueue:
         self._queue = alive
         if self._observer:
             self._observer.depth(self._images)
-        return len(alive) < self._max_queue
+        return len(alive)
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         """Keep submissions open for the block: a request with several parts, all on this batcher.
 
         Taken by a request right after it looked the model up (nothing awaited in between), so
-        :meth:`close` lets all of its parts run, however late they come.
+        :meth:`close` lets all of its parts run, however late they come. The request takes a
+        place at the door (:mod:`service.engine.admission`) until its first part is submitted.
+
+        Raises:
+            QueueFull: the requests waiting here and on their way here fill the queue bound.
         """
+        try:
+            admission = self._door.admit()
+        except QueueFull:
+            self._refused()
+            raise
         self._holders += 1
         try:
-            yield
+            with admitted(admission):
+                yield
         finally:
             self._holders -= 1
             if not self._holders:
                 self._released.set()
+
+    def _refused(self) -> None:
+        if self._observer:
+            self._observer.dropped("queue_full")
 
     async def close(self) -> None:
         """Wait for the holders, stop taking requests, finish every queued one, stop the workers."""

@@ -13,15 +13,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.core.errors import DeadlineExceeded, ServingError, Unavailable
+from service.core.errors import DeadlineExceeded, ServingError
 from service.core.types import InferenceRequest
 from service.engine import metrics
+from service.engine.admission import Draining
 from service.engine.lifecycle import Lifecycle
 from service.engine.metrics import UNKNOWN_MODEL
 from service.engine.repository import ModelRepository, ServedModel
 from service.engine.validation import check_request
 
-__all__ = ["DataPlane", "Outcome"]
+__all__ = ["DEADLINE_SLACK", "DataPlane", "Outcome"]
+
+DEADLINE_SLACK = 0.002
+"""A call cancelled this close to its deadline was cancelled by gRPC's deadline timer (whose
+clock is not quite the one the deadline was computed on), not by its client."""
 
 
 @dataclass
@@ -51,7 +56,7 @@ class DataPlane:
         if not self.lifecycle.accepts_work():
             self.attribute(outcome, name, version)
             metrics.DROPPED.labels(outcome.model, "draining").inc()
-            raise Unavailable("the server is shutting down; retry on another replica")
+            raise Draining()
         model = self.repository.get(name, version)
         outcome.model, outcome.version = model.name, str(model.version)
         return model
@@ -113,7 +118,9 @@ class DataPlane:
                 own = started + timeout_us / 1e6
                 deadline = own if deadline is None else min(deadline, own)
             future = model.batcher.submit(request.inputs, count, key, deadline)
-            if deadline is None or future.done():  # done: a tiny model ran inside submit
+            if future.done():  # a tiny model ran inside submit
+                rows = future.result()
+            elif deadline is None:
                 rows = await future
             else:
                 rows = await self._wait(future, deadline)
@@ -133,5 +140,9 @@ class DataPlane:
                 future.exception()
             raise error from None
         except asyncio.CancelledError:
+            # At its deadline gRPC cancels the call itself: the batcher drops it as expired.
+            if time.monotonic() >= deadline - DEADLINE_SLACK and not future.done():
+                future.set_exception(DeadlineExceeded("the deadline passed in the queue"))
+                future.exception()
             future.cancel()
             raise

@@ -7,6 +7,8 @@ session's providers are checked, and the fallback is logged once with its reason
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import threading
@@ -20,7 +22,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["DeviceChoice", "Runtime", "TensorSpec", "available_cores"]
+__all__ = [
+    "DeviceChoice",
+    "Runtime",
+    "TensorSpec",
+    "available_cores",
+    "return_large_blocks_to_the_os",
+]
 
 from service.core.types import NUMPY_TYPES
 
@@ -151,6 +159,25 @@ def nvidia_driver_present(driver: Path = NVIDIA_DRIVER) -> bool:
     return driver.exists() or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
+M_MMAP_THRESHOLD = -3
+"""glibc's mallopt parameter for the size from which an allocation is its own mapping."""
+
+
+def return_large_blocks_to_the_os(threshold: int = 128 << 10) -> bool:
+    """Make glibc give every block of ``threshold`` bytes or more back to the system when freed.
+
+    glibc raises its mapping threshold each time a mapped block is freed, so after one large
+    pass the large buffers of later passes come from the heap, which keeps their pages: the
+    process's idle memory creeps up under varied dense traffic. A fixed threshold keeps large
+    blocks mapped and returned. True where it was set (glibc), False elsewhere.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def _preload_cuda_libraries() -> None:
     # CUDA 13 / cuDNN 9 shipped as Python packages (e.g. beside PyTorch) are not on the loader's
     # path; onnxruntime can load them first. Harmless where the libraries are system-wide.
@@ -204,6 +231,7 @@ class Runtime:
         # (each `serve --workers` process holds its own instances).
         threads = cpu_threads or max(1, available_cores() // (instances * processes))
         self._path, self._device = path, device
+        self._dynamic = dynamic_shapes
         self._cuda_options = {
             "do_copy_in_default_stream": "1",
             "arena_extend_strategy": "kSameAsRequested" if dynamic_shapes else "kNextPowerOfTwo",
@@ -228,21 +256,18 @@ class Runtime:
         self.output_names = [o.name for o in self.outputs]
         self.metadata: dict[str, str] = dict(first.get_modelmeta().custom_metadata_map)
         self.buckets: tuple[int, ...] = ()  # batch sizes to pad up to on CUDA (set by the owner)
-        # Inputs of any size (a dense twin): ONNX Runtime's CPU arena keeps the largest pass's
-        # peak for good, so one large image would pin gigabytes. A pass well above the recent
-        # ones shrinks the arena as it ends (see _run_options_for); shrinking after every pass
-        # would cost small passes their speed (docs/benchmarks.md has the figures).
-        self._shrink: ort.RunOptions | None = None
-        self._recent_peak = 0.0  # the largest recent pass's input elements, fading 5 % a pass
-        if dynamic_shapes and not self.on_cuda:
-            self._shrink = ort.RunOptions()
-            self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def _sessions(self, instances: int, threads: int) -> list[ort.InferenceSession]:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         options.intra_op_num_threads = threads
+        # Inputs of any size (a dense twin): ONNX Runtime's CPU arena would keep the largest
+        # pass's peak, and a mix of sizes fragments it, so memory under varied traffic only
+        # grows. Without it each pass's buffers go back when it ends (with the process's malloc
+        # returning large blocks, see return_large_blocks_to_the_os); docs/benchmarks.md has
+        # the soak and timing figures behind this.
+        options.enable_cpu_mem_arena = not self._dynamic
         options.inter_op_num_threads = 1
         # Spinning threads would steal the cores the gRPC event loop needs between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -291,9 +316,7 @@ class Runtime:
         """Run one batch on one instance; returns every output, in the model's order."""
         session = self.sessions[instance]
         if not self.on_cuda:
-            return session.run(  # type: ignore[no-any-return]
-                self.output_names, dict(feeds), self._run_options_for(feeds)
-            )
+            return session.run(self.output_names, dict(feeds))  # type: ignore[no-any-return]
         feeds, rows = self._bucketed(feeds)
         binding = session.io_binding()
         for name, value in feeds.items():
@@ -303,20 +326,6 @@ class Runtime:
         session.run_with_iobinding(binding)
         outputs: list[np.ndarray] = binding.copy_outputs_to_cpu()
         return outputs if rows is None else [o[:rows] for o in outputs]
-
-    def _run_options_for(self, feeds: Mapping[str, np.ndarray]) -> ort.RunOptions | None:
-        """Shrink the arena after a pass more than twice the largest recent one.
-
-        Against a fading peak, not an average: the scales of one multi-scale request, or a
-        mix of sizes that keeps coming, stay under it and keep their memory; only a pass far
-        above everything lately (it fades to half in about 14 passes) gives its peak back.
-        """
-        if self._shrink is None:
-            return None
-        elements = sum(value.size for value in feeds.values())
-        peak = self._recent_peak  # several instance threads may race here: a lost update only
-        self._recent_peak = max(float(elements), 0.95 * peak)
-        return self._shrink if peak and elements > 2 * peak else None
 
     def _bucketed(
         self, feeds: Mapping[str, np.ndarray]

@@ -206,9 +206,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(message: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             outcome = Outcome()
+            deadline = deadline_of(context)
             try:
                 response = await counted(
-                    "kserve", outcome, self._infer(message, deadline_of(context), outcome)
+                    "kserve", outcome, self._infer(message, deadline, outcome), deadline=deadline
                 )
                 return pb.ModelStreamInferResponse(infer_response=response)
             except ServingError as exc:

@@ -1,8 +1,20 @@
-"""The one place that turns domain errors into gRPC statuses and records request metrics."""
+"""The one place that turns domain errors into gRPC statuses and records request metrics.
+
+Every inference call is counted in ``convserve_requests_total`` however it ends, including
+the calls that end before their request is read: grpc queues calls the server has not picked
+up yet, and a call whose deadline passes there, or whose client gives up, is picked up dead.
+So an inference method reads its own request (:func:`register` serves it as a stream of one
+message, the same on the wire) and counts such a call as DEADLINE_EXCEEDED or CANCELLED.
+
+Refusals under load and calls their clients gave up on are counted, and logged as one summary
+line every few seconds (:class:`~service.core.logs.RefusalSummary`); other failures are logged
+one WARNING line each, and a fault of the server one ERROR line with its traceback.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import logging
 import time
@@ -13,13 +25,40 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
-from service.core.errors import InvalidArgument, ServingError
+from service.core.errors import DeadlineExceeded, InvalidArgument, ServingError
+from service.core.logs import RefusalSummary
 from service.engine import metrics
-from service.engine.dataplane import Outcome
+from service.engine.admission import drop_reason
+from service.engine.dataplane import DEADLINE_SLACK, Outcome
+from service.engine.metrics import UNKNOWN_MODEL
 
-__all__ = ["Undecodable", "counted", "deadline_of", "inference_rpc", "register", "rpc"]
+__all__ = [
+    "CALL_QUEUE_OPTIONS",
+    "REFUSALS",
+    "Undecodable",
+    "counted",
+    "deadline_of",
+    "inference_rpc",
+    "register",
+    "rpc",
+]
 
 log = logging.getLogger(__name__)
+
+REFUSALS = RefusalSummary(log)
+"""The refusal summary of this process's requests; its last line is written at exit."""
+atexit.register(REFUSALS.flush)
+
+CALL_QUEUE_OPTIONS = [
+    ("grpc.server.max_pending_requests", 1 << 16),
+    ("grpc.server.max_pending_requests_hard_limit", 1 << 16),
+]
+"""Server options: the calls grpc holds for the server to pick up, before it refuses some.
+
+grpc's defaults (1,000, then a random share up to 3,000) cancel calls beyond them with
+CANCELLED, a status clients do not retry, before the server sees them: uncounted. With these,
+every call reaches the server, which counts it and answers it (or refuses it) itself.
+"""
 
 
 @dataclass(frozen=True)
@@ -50,11 +89,36 @@ def _tolerant(method: str, parse: Callable[[bytes], Any]) -> Callable[[bytes], A
     return deserialize
 
 
+class _Unread:
+    """Stands for the request an inference method reads itself (see :func:`register`)."""
+
+
+_UNREAD = _Unread()
+
+
+def _reading_itself(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler``, a unary inference method, served as a stream of one request it reads.
+
+    grpc reads a unary call's request before its handler starts, and drops a call whose request
+    cannot be read without a word; a stream's handler starts first.
+    """
+    method = handler.unary_unary
+
+    async def reading(_requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await method(_UNREAD, context)
+
+    return grpc.stream_unary_rpc_method_handler(
+        reading,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 def register(add: Callable[[Any, Any], None], servicer: object, server: grpc.aio.Server) -> None:
     """Register ``servicer`` as ``add`` (a generated ``add_*Servicer_to_server``) would.
 
     Its request parsers hand an unparsable message to the handler as :class:`Undecodable`
-    instead of failing inside grpc.
+    instead of failing inside grpc, and its inference methods read their own requests.
     """
 
     class Capture:
@@ -64,12 +128,14 @@ def register(add: Callable[[Any, Any], None], servicer: object, server: grpc.aio
         def add_registered_method_handlers(
             self, service: str, table: dict[str, grpc.RpcMethodHandler]
         ) -> None:
-            tolerant = {
-                name: handler._replace(
+            tolerant = {}
+            for name, handler in table.items():
+                handler = handler._replace(
                     request_deserializer=_tolerant(name, handler.request_deserializer)
                 )
-                for name, handler in table.items()
-            }
+                if getattr(handler.unary_unary, "reads_own_request", False):
+                    handler = _reading_itself(handler)
+                tolerant[name] = handler
             server.add_generic_rpc_handlers(
                 (grpc.method_handlers_generic_handler(service, tolerant),)
             )
@@ -87,10 +153,16 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     """Abort with a ServingError's code and message; anything else is a logged INTERNAL."""
     if isinstance(exc, ServingError):
-        await context.abort(exc.code, exc.message)
+        code, message = exc.code, exc.message
     else:
         log.exception("unexpected error while handling a request", exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error (logged by the server)")
+        code, message = grpc.StatusCode.INTERNAL, "internal error (logged by the server)"
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:  # the status cannot be sent: the call has ended, its client is gone
+        raise asyncio.CancelledError() from None
     raise AssertionError("unreachable: abort() raises")
 
 
@@ -107,7 +179,7 @@ _CHILDREN: dict[tuple[object, tuple[str, ...]], Any] = {}
 def _child(metric: Any, *labels: str) -> Any:
     """``metric.labels(*labels)``, looked up once per label set.
 
-    labels() takes a lock and builds a key on every call: a few microseconds a request.
+    labels() takes a lock and builds a key on every call, on the hot path of every request.
     """
     child = _CHILDREN.get((metric, labels))
     if child is None:
@@ -115,62 +187,94 @@ def _child(metric: Any, *labels: str) -> Any:
     return child
 
 
-def _record(outcome: Outcome, api: str, code: str, reason: str, elapsed: float) -> None:
+@dataclass
+class _Ending:
+    """How a request ended: its status code, why (for the log), and its drop reason, if any."""
+
+    code: str = "OK"
+    reason: str = ""
+    dropped: str | None = None
+
+
+_OK = _Ending()
+_LEFT = ("cancelled", "deadline")  # drop reasons that no batcher or data plane counts here
+
+
+def _record(outcome: Outcome, api: str, ending: _Ending, elapsed: float) -> None:
     """Count a finished request by model, version, API and status, and log a failure."""
     metrics.INFLIGHT.dec()
-    _child(metrics.REQUESTS, outcome.model, outcome.version, api, code).inc()
+    _child(metrics.REQUESTS, outcome.model, outcome.version, api, ending.code).inc()
     _child(metrics.REQUEST_DURATION, outcome.model, api).observe(elapsed)
-    if code != "OK":  # never the tensors or image bytes: only what identifies the request
-        log.warning(
-            "%s request to %s failed with %s after %.1f ms: %s",
-            api,
-            outcome.model,
-            code,
-            elapsed * 1000,
-            reason,
-            extra={
-                "model": outcome.model,
-                "request_id": outcome.request_id,
-                "api": api,
-                "status": code,
-                "duration_seconds": round(elapsed, 6),
-            },
-        )
+    if ending.code == "OK":
+        return
+    if ending.dropped is not None:
+        REFUSALS.count(ending.dropped)
+        return
+    # Never the tensors or image bytes: only what identifies the request.
+    log.warning(
+        "%s request to %s failed with %s after %.1f ms: %s",
+        api,
+        outcome.model,
+        ending.code,
+        elapsed * 1000,
+        ending.reason,
+        extra={
+            "model": outcome.model,
+            "request_id": outcome.request_id,
+            "api": api,
+            "status": ending.code,
+            "duration_seconds": round(elapsed, 6),
+        },
+    )
+
+
+def _past_deadline(context: grpc.aio.ServicerContext | None, deadline: float | None) -> bool:
+    """Whether the request's deadline has passed (so a cancellation is gRPC's, at it)."""
+    if deadline is None and context is not None:
+        deadline = deadline_of(context)
+    return deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK
+
+
+def _ending(
+    exc: BaseException,
+    context: grpc.aio.ServicerContext | None = None,
+    deadline: float | None = None,
+) -> _Ending:
+    """How a request that raised ``exc`` ended; ``deadline``: its own, where the caller knows it."""
+    if isinstance(exc, asyncio.CancelledError) and _past_deadline(context, deadline):
+        exc = DeadlineExceeded("the deadline passed before the answer")
+    if isinstance(exc, ServingError):
+        return _Ending(exc.code.name, exc.message, drop_reason(exc))
+    if isinstance(exc, asyncio.CancelledError):
+        return _Ending("CANCELLED", "the client went away", "cancelled")
+    if isinstance(exc, grpc.aio.AbortError) and context is not None:  # aborted by the method
+        status = context.code()
+        code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+        return _Ending(code, "aborted by the handler")
+    return _Ending("INTERNAL", "unexpected error (traceback logged)")
 
 
 T = TypeVar("T")
 
 
-def _status_of(
-    exc: BaseException, context: grpc.aio.ServicerContext | None = None
-) -> tuple[str, str]:
-    """The status code name and the reason a failed request is counted under."""
-    if isinstance(exc, ServingError):
-        return exc.code.name, exc.message
-    if isinstance(exc, asyncio.CancelledError):
-        return "CANCELLED", "the client went away"
-    if isinstance(exc, grpc.aio.AbortError) and context is not None:  # aborted by the method
-        status = context.code()
-        code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
-        return code, "aborted by the handler"
-    return "INTERNAL", "unexpected error (traceback logged)"
-
-
-async def counted(api: str, outcome: Outcome, work: Awaitable[T]) -> T:
+async def counted(
+    api: str, outcome: Outcome, work: Awaitable[T], deadline: float | None = None
+) -> T:
     """Await one request that is not an RPC of its own (a stream's message), counted as one.
 
     The same request metrics as :func:`inference_rpc`; errors pass through unchanged.
+    ``deadline`` (monotonic) tells a cancellation at the deadline from a client leaving.
     """
     started = time.perf_counter()
-    code, reason = "OK", ""
+    ending = _OK
     metrics.INFLIGHT.inc()
     try:
         return await work
     except (Exception, asyncio.CancelledError) as exc:
-        code, reason = _status_of(exc)
+        ending = _ending(exc, deadline=deadline)
         raise
     finally:
-        _record(outcome, api, code, reason, time.perf_counter() - started)
+        _record(outcome, api, ending, time.perf_counter() - started)
 
 
 Request = TypeVar("Request")
@@ -196,6 +300,18 @@ def rpc(method: Handler[Servicer, Request, Reply]) -> Handler[Servicer, Request,
     return wrapper
 
 
+async def _read(context: grpc.aio.ServicerContext) -> Any:
+    """The one request of a call served as a stream (see :func:`register`).
+
+    Raises:
+        asyncio.CancelledError: the call ended before its request arrived.
+    """
+    request = await context.read()
+    if request is grpc.aio.EOF:  # as grpc does for a unary call: the call is gone
+        raise asyncio.CancelledError()
+    return request
+
+
 def inference_rpc(
     api: str,
 ) -> Callable[
@@ -204,34 +320,40 @@ def inference_rpc(
 ]:
     """Decorate an inference RPC of ``api``: statuses and request metrics.
 
-    The method gets the request's :class:`Outcome` as a fourth argument, to fill in.
+    The method gets the request's :class:`Outcome` as a fourth argument, to fill in. Served
+    through :func:`register`, the call is counted from the moment the server picks it up.
     """
 
     def decorate(
         method: Callable[[Servicer, Request, grpc.aio.ServicerContext, Outcome], Awaitable[Reply]],
     ) -> Handler[Servicer, Request, Reply]:
         @functools.wraps(method)
-        async def wrapper(
-            self: Servicer, request: Request, context: grpc.aio.ServicerContext
-        ) -> Reply:
+        async def wrapper(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Reply:
             # The hot path of every inference: plain try/except, no context managers (two
-            # nested async ones cost tens of microseconds a request).
+            # nested async ones cost more than the rest of this wrapper).
             outcome = Outcome(request_id=_request_id(context))
             started = time.perf_counter()
-            code, reason = "OK", ""
+            ending = _OK
             metrics.INFLIGHT.inc()
             try:
+                if request is _UNREAD:
+                    request = await _read(context)
                 if isinstance(request, Undecodable):
                     raise request.error()
                 return await method(self, request, context, outcome)
             except (Exception, asyncio.CancelledError) as exc:
-                code, reason = _status_of(exc, context)
+                ending = _ending(exc, context)
                 if isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError)):
                     raise
                 await _abort(context, exc)
             finally:
-                _record(outcome, api, code, reason, time.perf_counter() - started)
+                if ending.dropped in _LEFT and outcome.model == UNKNOWN_MODEL:
+                    # Ended before its model was known (its request unread, say): no batcher
+                    # counted it.
+                    _child(metrics.DROPPED, UNKNOWN_MODEL, ending.dropped).inc()
+                _record(outcome, api, ending, time.perf_counter() - started)
 
+        wrapper.reads_own_request = True  # type: ignore[attr-defined]
         return wrapper
 
     return decorate
