@@ -43,6 +43,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    # a sweep takes minutes: each step says so as it starts
+    assert "convserve bench: step 1/" in result.stderr, result.stderr
+    assert "convserve bench: the limit again, after the load" in result.stderr
     results = json.loads((tmp_path / "bench.json").read_text())
     assert [r["batch"] for r in results["raw"]] == [1, 8]
     assert [r["batch"] for r in results["raw_after"]] == [1, 8]  # the limit again, after the load

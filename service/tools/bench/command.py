@@ -59,6 +59,11 @@ class _Beside:
         self._latest.update((r.batch, r) for r in after)
 
 
+def _progress(step: str) -> None:
+    """What the bench is doing now, on stderr: a sweep takes minutes, its report comes last."""
+    print(f"convserve bench: {step}", file=sys.stderr, flush=True)
+
+
 def _loop_name(choice: str) -> str:
     return "asyncio" if loop_factory(choice) is None else "uvloop"
 
@@ -101,9 +106,14 @@ def _sweep(
     """Every API at every level of ``concurrency``, the limit measured after each step."""
     args = comparison.args
     target = target_of(server, args.model)
-    served = []
+    served: list[ServedRow] = []
+    total = len(payloads) * len(concurrency)
     for api, (method, payload) in payloads.items():
         for level in concurrency:
+            _progress(
+                f"step {len(served) + 1}/{total}: {api} at concurrency {level} "
+                f"({comparison.seconds:g} s, then the limit again)"
+            )
             step = Step(
                 api,
                 method,
@@ -195,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         runtime = limit.runtime  # also what the payloads are built for
         results = _results(args, runtime.provider, connections)
+        _progress(f"the limit: {path.name} in-process at batch sizes {batches}")
         raw = limit.measure(batches, seconds)
         results["raw"] = [asdict(r) for r in raw]
         beside = _Beside(limit, raw, batches, seconds)
@@ -207,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
                 _beside_the_sweep(comparison, server, server_args, results)
             # The limit again, after the load: on a shared machine it drifts, and the ratios
             # should not hang on one moment's luck.
+            _progress("the limit again, after the load")
             results["raw_after"] = [asdict(r) for r in limit.measure(batches, seconds)]
     finally:
         limit.close()

@@ -95,12 +95,26 @@ def plot(results: dict[str, Any], target: Path) -> bool:
         title=f"{results['model']}: throughput",
     )
     right.set(xlabel="images/s", ylabel="latency (ms)", yscale="log", title="latency vs throughput")
+    _plain_axes(left, right, sorted({r["concurrency"] for r in results["served"]}))
     left.legend()
     right.legend()
     figure.tight_layout()
     figure.savefig(target, dpi=100)
     plt.close(figure)
     return True
+
+
+def _plain_axes(throughput: Any, latency: Any, concurrencies: list[int]) -> None:
+    """Plain numbers on log axes (58, not 5.8x10^1), and the concurrencies measured as ticks."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda value, _position: f"{value:,.0f}" if value >= 1 else f"{value:g}")
+    if concurrencies:
+        throughput.set_xticks(concurrencies)
+        throughput.xaxis.set_minor_formatter(NullFormatter())
+    for axis in (throughput.xaxis, throughput.yaxis, latency.yaxis):
+        axis.set_major_formatter(plain)
+    latency.yaxis.set_minor_formatter(NullFormatter())
 
 
 def print_report(results: dict[str, Any]) -> None:
