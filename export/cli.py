@@ -14,10 +14,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ExportError
-from .summaries import dense_agreement, uneven_summary
+from .summaries import (
+    RANDOM_WARNING,
+    dense_agreement,
+    precision_cost,
+    precision_kind,
+    uneven_summary,
+)
 
 if TYPE_CHECKING:
     from .model_entry import ExportReport
+    from .precision import PrecisionReport, PrecisionSpec
 
 __all__ = ["add_commands"]
 
@@ -60,6 +67,33 @@ def add_commands(
         default=1e-3,
         help="largest ONNX Runtime vs PyTorch difference accepted",
     )
+    export.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "int8"],
+        default="fp32",
+        help="what both files are stored and computed in (default fp32); fp16 and int8 keep "
+        "fp32 inputs and outputs",
+    )
+    export.add_argument(
+        "--calibration",
+        metavar="DIR|random",
+        help="images to calibrate int8 on (one in five held out to measure the cost against "
+        "fp32), or 'random': fit for timing, not for accuracy",
+    )
+    export.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=128,
+        metavar="N",
+        help="calibration inputs at most (default 128)",
+    )
+    export.add_argument(
+        "--min-top1-agreement",
+        type=float,
+        default=0.99,
+        metavar="F",
+        help="fail when fp16 or int8 agrees with fp32 on fewer held-out inputs (default 0.99)",
+    )
     export.set_defaults(handler=_export)
 
     inspect = commands.add_parser(
@@ -77,6 +111,13 @@ def add_commands(
         default=bundled_repository,
         metavar="DIR",
         help="default: the bundled repository, in place",
+    )
+    demo.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=256,
+        metavar="N",
+        help="training digits digits_int8 is calibrated on (default 256)",
     )
     demo.set_defaults(handler=_demo)
 
@@ -124,6 +165,7 @@ def _print_report(report: ExportReport) -> None:
     if report.uneven:
         print(f"  {uneven_summary(len(report.uneven), str(report.model_path))}")
     if report.dense_path is None or report.geometry is None or report.check is None:
+        _print_precision(report.precision)
         print(f"done in {report.seconds:.1f} s")
         return
     g, c = report.geometry, report.check
@@ -145,7 +187,44 @@ def _print_report(report: ExportReport) -> None:
         f"(largest score {c.max_abs_score:.3g}): "
         + dense_agreement(g.exact, c.max_abs_dev, c.top1_agreement)
     )
+    _print_precision(report.precision)
     print(f"done in {report.seconds:.1f} s")
+
+
+def _print_precision(reduced: PrecisionReport | None) -> None:
+    if reduced is None:
+        return
+    record = reduced.record
+    print(f"  precision: {precision_kind(record)}")
+    print(f"  {record.name} {precision_cost(record)}")
+    shared, calibrated = reduced.shared_ranges
+    if calibrated:
+        print(
+            f"  the dense twin takes the classifier's ranges for {shared} of its {calibrated} "
+            "calibrated tensors"
+        )
+    if reduced.check is not None:
+        step = f" (output step {record.output_step:.3g})" if record.output_step else ""
+        print(
+            f"  {record.name} dense vs {record.name} crop-by-crop over {reduced.check.cells} "
+            f"cells: max abs deviation {reduced.check.max_abs_dev:.3g}{step}, top-1 agreement "
+            f"{reduced.check.top1_agreement:.1%}"
+        )
+
+
+def _precision_spec(args: argparse.Namespace) -> PrecisionSpec:
+    from .precision import PrecisionSpec
+
+    random = args.calibration == "random"
+    if random and args.precision == "int8":
+        print(RANDOM_WARNING, file=sys.stderr)
+    return PrecisionSpec(
+        name=args.precision,
+        calibration=Path(args.calibration) if args.calibration and not random else None,
+        random=random or (args.precision == "fp16" and not args.calibration),
+        samples=args.calibration_samples,
+        min_top1_agreement=args.min_top1_agreement,
+    )
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -174,8 +253,10 @@ def _export(args: argparse.Namespace) -> None:
         dense=not args.no_dense,
         parity_tolerance=args.parity_tolerance,
         weights_sha256=sha256_of(args.weights) if args.weights and args.weights.is_file() else None,
+        precision=_precision_spec(args),
     )
-    with _steps(total=7 if spec.dense else 4) as step:
+    reduced = 0 if spec.precision.name == "fp32" else 2 + spec.dense
+    with _steps(total=(7 if spec.dense else 4) + reduced) as step:
         step(f"loading {args.source}")
         model = load_model(args.source, args.weights)
         report = export_entry(model, spec, step)
@@ -194,7 +275,9 @@ def _inspect(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from .demo import EPOCHS, make_demo
+    from model_format import MODEL_FILE
+
+    from .demo import EPOCHS, INT8_NAME, held_out_accuracy, make_demo
 
     with tqdm(
         total=EPOCHS, desc="training digits", unit="epoch", file=sys.stderr, leave=False
@@ -204,7 +287,13 @@ def _demo(args: argparse.Namespace) -> None:
             bar.set_postfix(loss=f"{loss:.3f}")
             bar.update()
 
-        with _steps(total=6) as step:
-            trained, report = make_demo(args.model_repository, on_epoch, step)
+        with _steps(total=9) as step:
+            trained, report, int8 = make_demo(
+                args.model_repository, on_epoch, step, args.calibration_samples
+            )
     print(f"digits: held-out accuracy {trained.accuracy:.2%} (scikit-learn digits, 20% split)")
     _print_report(report)
+    folder = args.model_repository / INT8_NAME / "1"
+    print(f"{INT8_NAME}: held-out accuracy {held_out_accuracy(folder / MODEL_FILE):.2%}")
+    print(f"wrote {folder}")
+    _print_precision(int8)

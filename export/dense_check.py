@@ -2,7 +2,8 @@
 
 Both exported files are run as they will be served: ``model.onnx`` on every crop, one batch at a
 time, and ``model.dense.onnx`` once on the whole input. The cell arithmetic is
-:func:`model_format.cell_counts`.
+:func:`model_format.cell_counts`. The same comparison serves every precision; for int8 files
+the tolerance is one step of the output's quantisation (:func:`output_step`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
-from model_format import INPUT_NAME, cell_counts
+from model_format import INPUT_NAME, OUTPUT_NAME, cell_counts
 
 from .onnx_export import ort_session
 
-__all__ = ["DenseCheck", "DensePair", "check_dense", "crop_by_crop", "dense_map"]
+__all__ = [
+    "DenseCheck",
+    "DensePair",
+    "check_dense",
+    "check_sizes",
+    "crop_by_crop",
+    "dense_map",
+    "output_step",
+    "within_one_step",
+]
 
 _CROP_BATCH = 16
 
@@ -119,3 +131,45 @@ def check_dense(
         total += int(np.prod(got.shape[1:]))
         checked.append(tuple(size))
     return DenseCheck(tuple(checked), total, worst, agree / total if total else 0.0, scale)
+
+
+def check_sizes(window: Sequence[int], stride: Sequence[int]) -> list[tuple[int, ...]]:
+    """The spatial sizes the dense map is checked at.
+
+    Two sizes: several whole strides, and a size with a partial stride left over, per axis.
+    """
+    first = tuple(w + 2 * s for w, s in zip(window, stride, strict=True))
+    second = tuple(w + s + s // 2 for w, s in zip(window, stride, strict=True))
+    if len(window) == 2:
+        second = (first[0], second[1])
+    return [first, second]
+
+
+def output_step(path: Path) -> float:
+    """The quantisation step of an int8 file's output; 0.0 when the output is not quantized.
+
+    The step is the scale of the DequantizeLinear (or QuantizeLinear) nearest the output.
+    """
+    graph = onnx.load(str(path)).graph
+    constants = {t.name: t for t in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    node = producers.get(OUTPUT_NAME)
+    while node is not None and node.op_type not in ("DequantizeLinear", "QuantizeLinear"):
+        if len(node.input) != 1:
+            return 0.0  # an operator between the last quantisation and the output
+        node = producers.get(node.input[0])
+    if node is None or node.input[1] not in constants:
+        return 0.0
+    return float(np.max(numpy_helper.to_array(constants[node.input[1]])))
+
+
+def within_one_step(pair: DensePair, check: DenseCheck) -> tuple[bool, float]:
+    """Whether an int8 pair's check stays within one output quantisation step, and the step.
+
+    Both files must quantize their output with the same step (they share one set of ranges);
+    the comparison allows the step's own float rounding.
+    """
+    step = output_step(pair.model_path)
+    if step <= 0.0 or output_step(pair.dense_path) != step:
+        return False, step
+    return check.max_abs_dev <= step * (1 + 1e-5), step

@@ -2,7 +2,9 @@
 
 One analysis serves both ``convserve inspect`` (the per-layer table) and ``convserve export``
 (the dense stride, receptive field and the layers whose ``(W - F + 2P)/S + 1`` does not divide
-evenly). It reads only the ONNX graph, so it describes exactly the file that will be served.
+evenly). It reads only the ONNX graph, so it describes exactly the file that will be served:
+in an int8 (QDQ) file the quantized weights reached through ``DequantizeLinear`` are the
+parameters, and the scales and zero points of the quantisation are not.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import shape_inference
 
-__all__ = ["GraphGeometry", "Layer", "UnevenLayer", "analyse"]
+__all__ = ["GraphGeometry", "Layer", "UnevenLayer", "analyse", "stored_precision"]
 
 _SLIDING = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"}
 _GLOBAL = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
@@ -24,6 +26,16 @@ _FLOAT_TYPES = {
     onnx.TensorProto.DOUBLE,
     onnx.TensorProto.BFLOAT16,
 }
+_QUANTISATION = {"QuantizeLinear", "DequantizeLinear"}
+
+
+def stored_precision(model: onnx.ModelProto) -> str:
+    """``int8`` for a quantized (QDQ) graph, ``fp16`` for half-precision weights, else ``fp32``."""
+    if any(node.op_type in _QUANTISATION for node in model.graph.node):
+        return "int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
+        return "fp16"
+    return "fp32"
 
 
 @dataclass(frozen=True)
@@ -34,9 +46,11 @@ class Layer:
         name: the ONNX node name (or its output's name when the node has none).
         op: the ONNX operator.
         shape: output shape for one image, batch axis left out.
-        params: weights this layer owns (float initializers it is the first to read).
+        params: weights this layer owns (float initializers it is the first to read, or
+            quantized ones it reads through their DequantizeLinear).
         activations: output values per image counted as the CS231n notes count them (convolution,
             pooling and fully-connected outputs; 0 for other layers and identity pools).
+        param_bytes: the bytes ``params`` take in the file.
     """
 
     name: str
@@ -44,6 +58,7 @@ class Layer:
     shape: tuple[int, ...]
     params: int
     activations: int
+    param_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,7 @@ class GraphGeometry:
             the borders).
         global_pooling: names of layers that pool over the whole input.
         uneven: layers whose geometry does not divide evenly.
+        precision: what the weights are stored in (:func:`stored_precision`).
     """
 
     input_name: str
@@ -100,11 +116,17 @@ class GraphGeometry:
     padded: bool = False
     global_pooling: list[str] = field(default_factory=list)
     uneven: list[UnevenLayer] = field(default_factory=list)
+    precision: str = "fp32"
 
     @property
     def total_params(self) -> int:
-        """All float weights of the graph."""
+        """All weights of the graph."""
         return sum(layer.params for layer in self.layers)
+
+    @property
+    def total_param_bytes(self) -> int:
+        """The bytes all weights take in the file."""
+        return sum(layer.param_bytes for layer in self.layers)
 
     @property
     def total_activations(self) -> int:
@@ -189,9 +211,12 @@ class _Walker:
         self.ndim = len(input_shape) - 2
         initializers = set(self.weights)
         name = next(i.name for i in self.model.graph.input if i.name not in initializers)
-        self.result = GraphGeometry(input_name=name, input_shape=input_shape)
+        self.result = GraphGeometry(
+            input_name=name, input_shape=input_shape, precision=stored_precision(model)
+        )
         self.reach = {name: _Reach((1,) * self.ndim, (1,) * self.ndim)}
         self.claimed: set[str] = set()
+        self.dequantized: set[str] = set()
         self.result.layers.append(
             Layer("input", "Input", input_shape[1:], 0, math.prod(input_shape[1:]))
         )
@@ -206,20 +231,30 @@ class _Walker:
             self.result.receptive_field = final.field
         return self.result
 
-    def _params(self, node: onnx.NodeProto) -> int:
-        if node.op_type == "Identity" and node.input[0] in self.weights:
+    def _params(self, node: onnx.NodeProto) -> tuple[int, int]:
+        """The parameters ``node`` is the first to read, and the bytes they take."""
+        if node.op_type in ("Identity", "DequantizeLinear") and node.input[0] in self.weights:
             # The exporter shares equal weights (zero biases of an untrained model) through
-            # Identity nodes; each alias is a parameter of its own in the original network.
+            # Identity nodes; each alias is a parameter of its own in the original network. A
+            # quantized weight reaches its layer through its DequantizeLinear the same way.
             self.weights[node.output[0]] = self.weights[node.input[0]]
-            return 0
-        count = 0
+            if node.op_type == "DequantizeLinear":
+                self.dequantized.add(node.output[0])
+            return 0, 0
+        if node.op_type in _QUANTISATION:
+            return 0, 0  # scales and zero points describe a tensor; they are not weights
+        count = size = 0
         for name in node.input:
             tensor = self.weights.get(name)
-            if tensor is None or name in self.claimed or tensor.data_type not in _FLOAT_TYPES:
+            if tensor is None or name in self.claimed:
+                continue
+            if tensor.data_type not in _FLOAT_TYPES and name not in self.dequantized:
                 continue
             self.claimed.add(name)
             count += math.prod(tensor.dims)
-        return count
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            size += math.prod(tensor.dims) * itemsize
+        return count, size
 
     def _visit(self, node: onnx.NodeProto) -> None:
         name = node.name or node.output[0]
@@ -240,7 +275,7 @@ class _Walker:
         for output in node.output:
             if reach is not None:
                 self.reach[output] = reach
-        params = self._params(node)
+        params, param_bytes = self._params(node)
         counted = node.op_type in _SLIDING | _GLOBAL | _FULLY_CONNECTED
         shape = self.shapes.get(node.output[0], ())
         pooling = node.op_type in _SLIDING | _GLOBAL and not node.op_type.startswith("Conv")
@@ -248,7 +283,9 @@ class _Walker:
             counted = False  # an identity pool (torchvision's adaptive pool at its own size)
         if counted or params:
             activations = math.prod(shape[1:]) if counted and shape else 0
-            self.result.layers.append(Layer(name, node.op_type, shape[1:], params, activations))
+            self.result.layers.append(
+                Layer(name, node.op_type, shape[1:], params, activations, param_bytes)
+            )
 
     def _per_position(self, node: onnx.NodeProto) -> bool:
         """Whether a MatMul acts on each position of a map alone, as a 1x1 convolution does.

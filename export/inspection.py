@@ -1,27 +1,37 @@
 """``convserve inspect``: the per-layer table of an ONNX classifier, for sizing batches.
 
 Counts follow the CS231n notes' VGG table: the input image plus one output per convolution,
-pooling and fully-connected layer (identity pools left out); parameters are every float weight of
-the graph, attributed to the first layer that reads it.
+pooling and fully-connected layer (identity pools left out); parameters are every weight of
+the graph, attributed to the first layer that reads it. Memory is given in the precision the
+file holds (its ``convserve.precision`` document, or its tensors' types): parameters at the bytes
+they take in the file, activations at the bytes per value that precision computes in.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
 
-from model_format import DENSE, INPUT, read_documents
+from model_format import (
+    DENSE,
+    INPUT,
+    PRECISION,
+    PRECISIONS,
+    Precision,
+    read_documents,
+    read_model_info,
+)
 
 from .errors import ExportError
 from .geometry import GraphGeometry, analyse
-from .summaries import dense_agreement
+from .summaries import dense_agreement, precision_cost, precision_kind
 
 __all__ = ["BATCH_SIZES", "inspect_file", "render"]
 
 BATCH_SIZES = (1, 8, 32, 128)
-_BYTES = {"fp32": 4, "fp16": 2}
 
 
 def _input_shape(
@@ -66,37 +76,47 @@ def inspect_file(
     return found, metadata
 
 
-def _mb(values: int, dtype: str) -> str:
-    return f"{values * _BYTES[dtype] / 1e6:,.1f} MB"
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
+def _precision(found: GraphGeometry, metadata: dict[str, object]) -> Precision:
+    described = metadata.get(PRECISION)
+    if isinstance(described, dict):
+        recorded = read_model_info({PRECISION: json.dumps(described)}).precision
+        if recorded is not None and recorded.name in PRECISIONS:
+            return recorded
+    return Precision.named(found.precision)
 
 
 def render(
     found: GraphGeometry, metadata: dict[str, object], batch_sizes: Sequence[int] = BATCH_SIZES
 ) -> str:
-    """The table, totals, batch sizing, dense geometry and uneven layers, as text."""
+    """The table, totals, batch sizing, precision, dense geometry and uneven layers, as text."""
+    precision = _precision(found, metadata)
+    name, per_value = precision.name, precision.activation_bytes
     lines = [
-        f"{'layer':<48} {'op':<18} {'output':>16} {'params':>13} {'activations':>12} {'fp32':>10}"
+        f"{'layer':<48} {'op':<18} {'output':>16} {'params':>13} {'activations':>12} {name:>10}"
     ]
     for layer in found.layers:
         shape = "x".join(map(str, layer.shape))
         lines.append(
             f"{layer.name[-48:]:<48} {layer.op:<18} {shape:>16} {layer.params:>13,} "
-            f"{layer.activations:>12,} {_mb(layer.activations, 'fp32'):>10}"
+            f"{layer.activations:>12,} {_mb(layer.activations * per_value):>10}"
         )
-    params, acts = found.total_params, found.total_activations
+    params, weights = found.total_params, found.total_param_bytes
+    acts = found.total_activations
     lines += [
         "",
-        f"parameters: {params:,} ({_mb(params, 'fp32')} fp32, {_mb(params, 'fp16')} fp16)",
-        f"activations per image: {acts:,} values ({_mb(acts, 'fp32')} fp32, "
-        f"{_mb(acts, 'fp16')} fp16), forward pass",
+        f"parameters: {params:,} ({_mb(weights)} as stored, {name})",
+        f"activations per image: {acts:,} values ({_mb(acts * per_value)} {name}), forward pass",
+        f"precision: {precision_kind(precision)}",
+        f"  {precision_cost(precision)}",
         "",
-        f"{'batch':>6} {'fp32 weights+activations':>26} {'fp16 weights+activations':>26}",
+        f"{'batch':>6} {name + ' weights+activations':>26}",
     ]
     for batch in batch_sizes:
-        lines.append(
-            f"{batch:>6} {_mb(params + batch * acts, 'fp32'):>26} "
-            f"{_mb(params + batch * acts, 'fp16'):>26}"
-        )
+        lines.append(f"{batch:>6} {_mb(weights + batch * acts * per_value):>26}")
     dense = metadata.get(DENSE)
     lines.append("")
     if isinstance(dense, dict):

@@ -2,13 +2,16 @@
 
 ``<repository>/<name>/<version>/model.onnx`` (dynamic batch axis) and, unless asked not to,
 ``model.dense.onnx`` (dynamic batch and spatial axes), each carrying the metadata that makes it
-servable on its own (the ``convserve.*`` documents of :mod:`model_format`).
+servable on its own (the ``convserve.*`` documents of :mod:`model_format`). A reduced precision
+is made from the checked fp32 files in a scratch folder (:mod:`export.precision`), so a failed
+check leaves nothing in the repository.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,15 +27,17 @@ from model_format import (
     MODEL_FILE,
     DenseGeometry,
     ModelInfo,
+    Precision,
     Preprocess,
     metadata_documents,
 )
 
 from . import geometry
-from .dense_check import DenseCheck, DensePair, check_dense
+from .dense_check import DenseCheck, DensePair, check_dense, check_sizes
 from .errors import ExportError
 from .fc_to_conv import to_dense
 from .onnx_export import IR_VERSION, OPSET, max_abs_diff, write_metadata, write_onnx
+from .precision import PrecisionReport, PrecisionSpec, derive
 
 __all__ = [
     "ExportReport",
@@ -64,6 +69,7 @@ class ExportSpec:
         dense: write ``model.dense.onnx`` too.
         parity_tolerance: export fails if ONNX Runtime and PyTorch differ by more.
         weights_sha256: checksum of the weights file, for provenance.
+        precision: what the files are stored in and how that precision's cost is measured.
     """
 
     source: str
@@ -76,6 +82,7 @@ class ExportSpec:
     dense: bool = True
     parity_tolerance: float = 1e-3
     weights_sha256: str | None = None
+    precision: PrecisionSpec = field(default_factory=PrecisionSpec)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -122,6 +129,7 @@ class ExportReport:
     uneven: list[str] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
     global_pools: list[str] = field(default_factory=list)
+    precision: PrecisionReport | None = None
     seconds: float = 0.0
     protos: list[onnx.ModelProto] = field(default_factory=list, repr=False)
 
@@ -161,15 +169,6 @@ def _classes(model: nn.Module, spec: ExportSpec) -> int:
     return int(out.shape[1])
 
 
-def _check_sizes(window: Sequence[int], stride: Sequence[int]) -> list[tuple[int, ...]]:
-    # Two sizes: several whole strides, and a size with a partial stride left over, per axis.
-    first = tuple(w + 2 * s for w, s in zip(window, stride, strict=True))
-    second = tuple(w + s + s // 2 for w, s in zip(window, stride, strict=True))
-    if len(window) == 2:
-        second = (first[0], second[1])
-    return [first, second]
-
-
 def _write_dense(
     model: nn.Module,
     spec: ExportSpec,
@@ -187,7 +186,7 @@ def _write_dense(
     report.protos.append(write_onnx(dense.module, torch.zeros(1, *spec.input_shape), path, axes))
     window = spec.input_shape[1:]
     found = geometry.analyse(report.protos[-1], (1, *spec.input_shape))
-    sizes = _check_sizes(window, found.stride)
+    sizes = check_sizes(window, found.stride)
     probe = rng.standard_normal((1, spec.input_shape[0], *sizes[1])).astype(np.float32)
     report.dense_parity_max_abs_diff = max_abs_diff(dense.module, path, [probe])
     if report.dense_parity_max_abs_diff > spec.parity_tolerance:
@@ -225,6 +224,7 @@ def _metadata(spec: ExportSpec, report: ExportReport, labels: Sequence[str]) -> 
         window=tuple(window),
         preprocess=spec.preprocess or Preprocess.default_for(channels),
         dense=report.geometry,
+        precision=Precision.named("fp32"),
     )
     source = {
         "model": spec.source,
@@ -263,8 +263,25 @@ def export_entry(
             f"the labels file has {len(labels)} labels; the model has {classes} classes"
         )
     model_dir = spec.repository / spec.name
-    version = spec.version or next_version(model_dir)
-    folder = model_dir / str(version)
+    folder = model_dir / str(spec.version or next_version(model_dir))
+    if spec.precision.name == "fp32":
+        report = _export_fp32(model, spec, folder, labels, progress)
+    else:
+        preprocess = spec.preprocess or Preprocess.default_for(spec.input_shape[0])
+        # Read before the fp32 export, so a bad calibration folder fails at once.
+        samples = spec.precision.inputs(preprocess, spec.input_shape)
+        with tempfile.TemporaryDirectory() as scratch:
+            report = _export_fp32(model, spec, Path(scratch), labels, progress)
+            report.precision = derive(Path(scratch), folder, spec.precision, samples, progress)
+        report.model_path = folder / MODEL_FILE
+        report.dense_path = folder / DENSE_FILE if report.dense_path else None
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _export_fp32(
+    model: nn.Module, spec: ExportSpec, folder: Path, labels: Sequence[str], progress: Progress
+) -> ExportReport:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -272,7 +289,10 @@ def export_entry(
     rng = np.random.default_rng(0)
     progress("writing model.onnx")
     report = ExportReport(
-        model_path=folder / MODEL_FILE, dense_path=None, classes=classes, parity_max_abs_diff=0.0
+        model_path=folder / MODEL_FILE,
+        dense_path=None,
+        classes=len(labels),
+        parity_max_abs_diff=0.0,
     )
     report.protos.append(
         write_onnx(model, torch.zeros(1, *spec.input_shape), report.model_path, {0: "batch"})
@@ -296,5 +316,4 @@ def export_entry(
     for proto, path in zip(report.protos, paths, strict=True):
         write_metadata(proto, path, entries)
     report.protos.clear()
-    report.seconds = time.perf_counter() - started
     return report

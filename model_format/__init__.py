@@ -10,9 +10,9 @@ Layout::
     <repository>/<model-name>/config.json                  optional serving knobs
 
 Each ONNX file's ``metadata_props`` hold one JSON document per key: :data:`LABELS`,
-:data:`INPUT`, :data:`PREPROCESS`, :data:`DENSE` and :data:`SOURCE`. A file without them still
-serves over KServe v2 under its own tensor names; the metadata adds labels, preprocessing and
-the dense geometry.
+:data:`INPUT`, :data:`PREPROCESS`, :data:`DENSE`, :data:`PRECISION` and :data:`SOURCE`. A file
+without them still serves over KServe v2 under its own tensor names; the metadata adds labels,
+preprocessing, the dense geometry and the numeric precision the file is stored in.
 
 The dense arithmetic: along an axis ``W`` pixels long, a dense map has
 ``(W - window) * d // stride + 1`` cells (``d`` the stride divisor, 1 for one pass), and cell
@@ -36,11 +36,14 @@ __all__ = [
     "LABELS",
     "MODEL_FILE",
     "OUTPUT_NAME",
+    "PRECISION",
+    "PRECISIONS",
     "PREFIX",
     "PREPROCESS",
     "SOURCE",
     "DenseGeometry",
     "ModelInfo",
+    "Precision",
     "Preprocess",
     "cell_counts",
     "cell_starts",
@@ -57,12 +60,19 @@ INPUT = PREFIX + "input"
 PREPROCESS = PREFIX + "preprocess"
 DENSE = PREFIX + "dense"
 SOURCE = PREFIX + "source"
+PRECISION = PREFIX + "precision"
 
 MODEL_FILE = "model.onnx"
 DENSE_FILE = "model.dense.onnx"
 CONFIG_FILE = "config.json"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+
+PRECISIONS = {"fp32": (4, 4), "fp16": (2, 2), "int8": (1, 1)}
+"""Each precision's bytes per parameter and per activation as the file stores and computes them.
+
+int8 files hold int8 weights (per output channel) and uint8 activations; their biases stay
+32-bit integers, and every precision takes fp32 inputs and gives fp32 outputs."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,47 @@ class DenseGeometry:
 
 
 @dataclass(frozen=True)
+class Precision:
+    """The numeric precision a file is stored and computed in, and what it cost against fp32.
+
+    Attributes:
+        name: ``fp32``, ``fp16`` or ``int8`` (a key of :data:`PRECISIONS`).
+        weight_bytes: bytes per parameter as stored.
+        activation_bytes: bytes per activation between layers.
+        top1_agreement: measured share of held-out inputs whose best class is the fp32 model's
+            (None for fp32 itself).
+        max_abs_dev: measured largest difference of any score from the fp32 model's.
+        evaluated_on: what the held-out inputs were; ``random inputs`` when no data was given.
+        samples: how many held-out inputs were measured.
+        calibration: for int8, what the activation ranges were calibrated on.
+        output_step: for int8, the output's quantisation step: a dense cell of a padding-free
+            network is within one step of the classifier on its crop.
+    """
+
+    name: str
+    weight_bytes: int
+    activation_bytes: int
+    top1_agreement: float | None = None
+    max_abs_dev: float | None = None
+    evaluated_on: str | None = None
+    samples: int = 0
+    calibration: str | None = None
+    output_step: float | None = None
+
+    @classmethod
+    def named(cls, name: str) -> Precision:
+        """``name`` with its bytes per value and nothing measured yet.
+
+        Raises:
+            ValueError: ``name`` is not one of :data:`PRECISIONS`.
+        """
+        if name not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{name}'")
+        weight_bytes, activation_bytes = PRECISIONS[name]
+        return cls(name, weight_bytes, activation_bytes)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """convserve's description of a model; every field is None when the file has no metadata.
 
@@ -122,6 +173,8 @@ class ModelInfo:
         window: the classifier's input size, per spatial axis.
         preprocess: how images become input tensors.
         dense: the dense variant's geometry, where there is one.
+        precision: what the file is stored and computed in; None for a file that does not say
+            (its tensors' types tell).
     """
 
     labels: tuple[str, ...] | None = None
@@ -130,6 +183,7 @@ class ModelInfo:
     window: tuple[int, ...] | None = None
     preprocess: Preprocess | None = None
     dense: DenseGeometry | None = None
+    precision: Precision | None = None
 
 
 def cell_counts(
@@ -183,6 +237,8 @@ def metadata_documents(info: ModelInfo, source: Mapping[str, object]) -> dict[st
     documents[SOURCE] = dict(source)
     if info.dense is not None:
         documents[DENSE] = _lists(asdict(info.dense))
+    if info.precision is not None:
+        documents[PRECISION] = asdict(info.precision)
     return documents
 
 
@@ -201,7 +257,7 @@ def read_documents(metadata: Mapping[str, str]) -> dict[str, object]:
 def read_model_info(metadata: Mapping[str, str]) -> ModelInfo:
     """Parse the ``convserve.*`` keys; a malformed entry is logged and the whole info left empty."""
     documents = read_documents(metadata)
-    for key in (LABELS, INPUT, PREPROCESS, DENSE):
+    for key in (LABELS, INPUT, PREPROCESS, DENSE, PRECISION):
         if isinstance(documents.get(key), str):
             log.warning("ignoring metadata %s: not JSON", key)
     try:
@@ -210,6 +266,7 @@ def read_model_info(metadata: Mapping[str, str]) -> ModelInfo:
             **_input(documents.get(INPUT)),
             preprocess=_preprocess(documents.get(PREPROCESS)),
             dense=_dense(documents.get(DENSE)),
+            precision=_precision(documents.get(PRECISION)),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         log.warning("ignoring malformed convserve metadata (%s)", exc)
@@ -261,4 +318,26 @@ def _dense(document: object) -> DenseGeometry | None:
         exact=bool(document["exact"]),
         max_abs_dev=float(document["max_abs_dev"]),
         top1_agreement=float(document["top1_agreement"]),
+    )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _precision(document: object) -> Precision | None:
+    if not isinstance(document, dict):
+        return None
+    calibration = document.get("calibration")
+    evaluated_on = document.get("evaluated_on")
+    return Precision(
+        name=str(document["name"]),
+        weight_bytes=int(document["weight_bytes"]),
+        activation_bytes=int(document["activation_bytes"]),
+        top1_agreement=_optional_float(document.get("top1_agreement")),
+        max_abs_dev=_optional_float(document.get("max_abs_dev")),
+        evaluated_on=None if evaluated_on is None else str(evaluated_on),
+        samples=int(document.get("samples", 0)),
+        calibration=None if calibration is None else str(calibration),
+        output_step=_optional_float(document.get("output_step")),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import grpc
 import numpy as np
@@ -44,10 +45,11 @@ def test_other_formats_and_resizing(classifier_stub, held_out, fmt: str) -> None
     assert reply.results[0].top[0].index == y_test[0]
 
 
-def test_model_may_be_omitted_when_one_is_served(held_out) -> None:
+def test_model_may_be_omitted_when_one_is_served(held_out, tmp_path) -> None:
     x_test, y_test = held_out
+    shutil.copytree(BUNDLED_REPOSITORY / "digits", tmp_path / "digits")
     with (
-        ServerProcess(BUNDLED_REPOSITORY) as server,
+        ServerProcess(tmp_path) as server,
         grpc.insecure_channel(server.grpc_address) as channel,
     ):
         reply = pb_grpc.ClassifierStub(channel).Classify(

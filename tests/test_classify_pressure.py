@@ -126,8 +126,13 @@ def test_an_answer_too_large_is_refused_before_any_work(budget_server, budget_st
 
 def test_an_explicit_image_limit_is_named(budget_stub) -> None:
     image = pb.Image(encoded=png(np.zeros((8, 8), np.uint8)))
-    assert len(budget_stub.Classify(pb.ClassifyRequest(images=[image] * 3)).results) == 3
-    message = refusal(lambda: budget_stub.Classify(pb.ClassifyRequest(images=[image] * 4)))
+    assert (
+        len(budget_stub.Classify(pb.ClassifyRequest(model="digits", images=[image] * 3)).results)
+        == 3
+    )
+    message = refusal(
+        lambda: budget_stub.Classify(pb.ClassifyRequest(model="digits", images=[image] * 4))
+    )
     assert message == (
         "the request carries 4 images; model 'digits' takes at most 3 per Classify "
         "(--max-images-per-request): send them in several requests"

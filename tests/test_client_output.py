@@ -51,7 +51,10 @@ def convserve(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_classify_prints_a_headed_table(server: ServerProcess, images: tuple[Path, Path]) -> None:
-    result = convserve("classify", str(images[0]), "--server", server.grpc_address, "--top-k", "3")
+    result = convserve(
+        "classify", str(images[0]), "--model", "digits", "--server", server.grpc_address,
+        "--top-k", "3",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"{images[0]} (digits v1)"
@@ -65,7 +68,7 @@ def test_a_dense_table_says_what_cell_and_box_mean(
 ) -> None:
     heatmap = tmp_path / "four.png"
     result = convserve(
-        "classify", str(images[1]), "--server", server.grpc_address, "--dense",
+        "classify", str(images[1]), "--model", "digits", "--server", server.grpc_address, "--dense",
         "--heatmap", str(heatmap), "--heatmap-class", "4",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -85,7 +88,7 @@ def test_a_class_the_reply_does_not_hold_is_named(
     server: ServerProcess, images: tuple[Path, Path], tmp_path: Path
 ) -> None:
     result = convserve(
-        "classify", str(images[1]), "--server", server.grpc_address, "--dense",
+        "classify", str(images[1]), "--model", "digits", "--server", server.grpc_address, "--dense",
         "--heatmap", str(tmp_path / "x.png"), "--heatmap-class", "zebra",
     )  # fmt: skip
     assert result.returncode == 1

@@ -1,4 +1,4 @@
-"""The bundled digits model: accurate, self-describing, loadable by onnxruntime-gpu 1.31."""
+"""The bundled digits models, fp32 and int8: accurate, self-describing, loadable by ORT-gpu 1.31."""
 
 from __future__ import annotations
 
@@ -13,8 +13,12 @@ import onnxruntime as ort
 import pytest
 
 from export.demo import digits_split
+from export.dense_check import crop_by_crop, dense_map, output_step
 from export.onnx_export import IR_VERSION
 from service import BUNDLED_REPOSITORY
+
+INT8 = BUNDLED_REPOSITORY / "digits_int8" / "1"
+INT8_FILES = (INT8 / "model.onnx", INT8 / "model.dense.onnx")
 
 
 def metadata(path: Path) -> dict[str, object]:
@@ -38,16 +42,38 @@ def test_accuracy_from_the_committed_file(digits_files: tuple[Path, Path]) -> No
     assert held_out_accuracy(digits_files[0]) >= 0.97
 
 
-@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
 def test_ir_version_and_opset_are_pinned(digits_files: tuple[Path, Path], which: int) -> None:
-    model = onnx.load(str(digits_files[which]))
+    model = onnx.load(str((*digits_files, *INT8_FILES)[which]))
     # pinned to the exporter's IR_VERSION (8), under the 13 onnxruntime-gpu 1.31 loads at most
     assert model.ir_version == IR_VERSION == 8
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
 
 
+def test_int8_held_out_accuracy_is_within_a_point_of_fp32(digits_files: tuple[Path, Path]) -> None:
+    fp32, int8 = held_out_accuracy(digits_files[0]), held_out_accuracy(INT8_FILES[0])
+    assert abs(int8 - fp32) <= 0.01 and int8 >= 0.97
+    record = metadata(INT8_FILES[0])["convserve.precision"]
+    assert record["name"] == "int8" and record["top1_agreement"] >= 0.99
+    assert record["evaluated_on"] == "360 held-out digits"
+    assert record["top1_agreement"] == held_out_agreement(INT8_FILES[0], digits_files[0])
+
+
+def test_int8_twin_cells_are_int8_crops_within_one_output_step() -> None:
+    """A strip of held-out digits: every int8 dense cell against the int8 classifier on its crop."""
+    _xt, x_test, _yt, _y = digits_split()
+    strip = normalise(np.concatenate(list(x_test[:6]), axis=1)[None], metadata(INT8_FILES[0]))[0]
+    classifier, dense = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in INT8_FILES
+    )
+    expected = crop_by_crop(classifier, strip, (8, 8), (2, 2))
+    got = dense_map(dense, strip, (8, 8), (2, 2))
+    assert got.shape == expected.shape == (10, 1, 21)
+    assert np.max(np.abs(got - expected)) <= output_step(INT8_FILES[1]) * (1 + 1e-5)
+
+
 def test_each_file_describes_itself(digits_files: tuple[Path, Path]) -> None:
-    for path in digits_files:
+    for path in (*digits_files, *INT8_FILES):
         meta = metadata(path)
         assert meta["convserve.labels"] == [str(d) for d in range(10)]
         assert meta["convserve.input"] == {"layout": "NCHW", "channels": 1, "window": [8, 8]}
@@ -113,6 +139,15 @@ def test_demo_recreates_the_bundled_model(tmp_path: Path, digits_files: tuple[Pa
     fresh_accuracy = held_out_accuracy(fresh / "model.onnx")
     assert abs(fresh_accuracy - held_out_accuracy(digits_files[0])) <= 0.02
     assert held_out_agreement(fresh / "model.onnx", digits_files[0]) >= 0.95
+    # digits_int8, quantized from the fresh fp32 files: the same structure and metadata keys as
+    # the bundled one, within a point of its own fp32 model.
+    assert "digits_int8: held-out accuracy" in result.stdout
+    int8 = tmp_path / "digits_int8"
+    assert (int8 / "config.json").read_text() == bundled_config.read_text()
+    for name, bundled in zip(("model.onnx", "model.dense.onnx"), INT8_FILES, strict=True):
+        assert metadata(int8 / "1" / name).keys() == metadata(bundled).keys()
+        assert layer_kinds(int8 / "1" / name) == layer_kinds(bundled)
+    assert abs(held_out_accuracy(int8 / "1" / "model.onnx") - fresh_accuracy) <= 0.01
 
 
 def layer_kinds(path: Path) -> list[tuple[str, list[list[int]]]]:

@@ -195,12 +195,13 @@ def test_the_cli_sends_the_header(inference_restricted: ServerProcess, tmp_path:
     without = convserve("classify", image, "--model", "digits", *server)
     assert without.returncode == 1
     assert without.stderr == f"convserve classify: error: UNAVAILABLE: {REFUSAL}\n"
-    wrong = convserve("classify", image, "--header", f"{HEADER}=nope", *server)
+    wrong = convserve("classify", image, "--model", "digits", "--header", f"{HEADER}=nope", *server)
     assert wrong.returncode == 1 and REFUSAL in wrong.stderr
     for dense in ((), ("--dense",)):
         with_header = convserve(
-            "classify", image, "--json", "--header", f"{HEADER.upper()}=s3cret", *dense, *server
-        )
+            "classify", image, "--model", "digits", "--json",
+            "--header", f"{HEADER.upper()}=s3cret", *dense, *server,
+        )  # fmt: skip
         assert with_header.returncode == 0, with_header.stderr
         assert '"model": "digits"' in with_header.stdout
 

@@ -141,7 +141,7 @@ def test_tritonclient_and_the_cli_over_tls(tls_server: ServerProcess, authority:
         "models", "--json", "--server", tls_server.grpc_address, "--tls-ca", str(authority.cert)
     )
     assert listed.returncode == 0, listed.stderr
-    assert {m["name"] for m in json.loads(listed.stdout)} == {"digits"}
+    assert {m["name"] for m in json.loads(listed.stdout)} == {"digits", "digits_int8"}
 
 
 def test_a_plaintext_client_gets_nothing_from_a_tls_port(tls_server: ServerProcess) -> None:

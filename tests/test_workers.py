@@ -184,6 +184,7 @@ def test_a_dead_worker_is_replaced_and_service_goes_on(workers: ServerProcess) -
     # Unloaded over gRPC before the death: the replacement must not bring it back from disk.
     client = own_connection(workers.grpc_address)
     client.unload_model("digits")
+    client.unload_model("digits_int8")
     client.close()
     pid = worker_pids(workers)[0]
     os.kill(pid, signal.SIGKILL)
@@ -215,6 +216,7 @@ def test_a_dead_worker_is_replaced_and_service_goes_on(workers: ServerProcess) -
     client = own_connection(workers.grpc_address)
     client.unload_model("digits")  # it took its siblings' state: unloaded, not unknown
     client.load_model("digits")  # on both workers, the replacement included
+    client.load_model("digits_int8")
     client.close()
     samples = scrape(workers.metrics_url)
     assert samples["convserve_worker_restarts_total{}"] == 1
