@@ -85,3 +85,48 @@ def gather(folder: Path, config: dict | None = None) -> Path:
         [numpy_helper.from_array(table, "table")],
     )
     return _save(helper.make_model(graph, opset_imports=OPSET), folder, config)
+
+
+def endless(folder: Path, config: dict | None = None) -> Path:
+    """[N, 1] -> [N, 1], ``y = x``, after a loop of ``max(x) * 10**12`` empty turns.
+
+    Zeros (what a load warms up with) return at once; a positive value keeps the runtime busy
+    for as good as ever: a model call that never returns, with no hook in the server.
+    """
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["turns_in", "one"], ["turns_out"]),
+        ],
+        "turn",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("turns_in", TensorProto.FLOAT, []),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("turns_out", TensorProto.FLOAT, []),
+        ],
+        [numpy_helper.from_array(np.array(1.0, np.float32), "one")],
+    )
+    nodes = [
+        helper.make_node("ReduceMax", ["x"], ["largest"], keepdims=0),
+        helper.make_node("Mul", ["largest", "scale"], ["scaled"]),
+        helper.make_node("Cast", ["scaled"], ["trips"], to=TensorProto.INT64),
+        helper.make_node("Loop", ["trips", "true", "zero"], ["turns"], body=body),
+        helper.make_node("Mul", ["turns", "zero"], ["nothing"]),
+        helper.make_node("Add", ["x", "nothing"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "endless",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        [
+            numpy_helper.from_array(np.array(1e12, np.float32), "scale"),
+            numpy_helper.from_array(np.array(True), "true"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), folder, config)

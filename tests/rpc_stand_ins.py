@@ -10,16 +10,29 @@ from prometheus_client import REGISTRY
 
 from service._generated.inference import grpc_service_pb2 as pb
 from service._generated.inference import grpc_service_pb2_grpc as pb_grpc
+from service.core.errors import ModelNotFound
 from service.engine.dataplane import Outcome
+from service.engine.lifecycle import Lifecycle
 from service.wire.rpc import REFUSALS, inference_rpc, register
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+class NoModels:
+    """The model states of a server that serves none (its lifecycle's door admits every call)."""
+
+    def get(self, name: str, version: str = "") -> object:
+        raise ModelNotFound(name)
+
+    def all_ready(self) -> bool:
+        return True
 
 
 class Infer(pb_grpc.GRPCInferenceServiceServicer):
     """ModelInfer that sleeps ``delay`` seconds, or raises ``error``; it records every call."""
 
     def __init__(self) -> None:
+        self.lifecycle = Lifecycle(NoModels())
         self.delay = 0.0
         self.error: BaseException | None = None
         self.calls = 0

@@ -19,7 +19,7 @@ import yaml
 
 from service.core.flags import parse_value
 from service.core.settings import ENV_PREFIX, Settings
-from service.wire.health import OVERALL
+from service.wire.health import LIVENESS, OVERALL
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -256,7 +256,10 @@ def test_manifests_agree_with_the_server(overlay: str) -> None:
     probed = ports["health"] if env.get("CONVSERVE_GRPC_USE_SSL") == "true" else ports["grpc"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert main[probe]["grpc"]["port"] == probed, probe
+    for probe in ("startupProbe", "readinessProbe"):
         assert main[probe]["grpc"]["service"] == OVERALL, probe
+    # Liveness is its own question: a draining pod is live, a wedged one is not.
+    assert main["livenessProbe"]["grpc"]["service"] == LIVENESS
     spec = pod(objects)
     pre_stop = main["lifecycle"]["preStop"]["sleep"]["seconds"]
     drain = float(env["CONVSERVE_DRAIN_GRACE_SECONDS"])

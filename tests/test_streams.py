@@ -71,3 +71,33 @@ async def test_stopping_the_stream_cancels_unfinished_answers() -> None:
     await stream.aclose()  # what grpc.aio does when the call ends
     await asyncio.sleep(0)
     assert sorted(cancelled) == [1, 2]
+
+
+async def test_closing_answers_what_was_read_then_ends_without_reading_more() -> None:
+    pulled: list[int] = []
+    closing, release = asyncio.Event(), asyncio.Event()
+
+    async def endless() -> AsyncIterator[int]:
+        for i in range(3):
+            pulled.append(i)
+            yield i
+        await asyncio.Event().wait()  # the client sends nothing more, and does not end
+
+    async def answer(i: int) -> int:
+        await release.wait()
+        return i
+
+    stream = completion_order(endless(), answer, limit=8, closing=closing)
+    reading = asyncio.ensure_future(anext(stream))
+    while len(pulled) < 3:
+        await asyncio.sleep(0.01)
+    closing.set()  # the drain begins while all three are being answered
+    await asyncio.sleep(0.05)
+    release.set()
+
+    async def rest() -> list[int]:
+        return [a async for a in stream]
+
+    got = [await reading, *await asyncio.wait_for(rest(), 5)]  # it ends: not waiting on reads
+    assert sorted(got) == [0, 1, 2]
+    assert pulled == [0, 1, 2]

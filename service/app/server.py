@@ -4,34 +4,43 @@ Order of life, the phases of :class:`~service.engine.lifecycle.Lifecycle`: the g
 first (liveness answers, health is NOT_SERVING), then the models that ``--model-control-mode``
 loads at the start load and warm up, then the server is serving (health SERVING; a worker tells
 its supervisor through its ready file; in poll mode the repository is watched from then on). On
-SIGTERM or SIGINT it drains: health turns NOT_SERVING, new requests get UNAVAILABLE, in-flight
-requests finish within the drain grace, and the process exits 0.
+SIGTERM or SIGINT it drains (:func:`_drain`): readiness turns NOT_SERVING, new calls get
+UNAVAILABLE at the door, streams answer what they have read and end with UNAVAILABLE, and the
+server stops as soon as every call taken before the drain has finished (within the drain grace),
+exiting 0. A model call still running in the runtime after the drain (a wedged one) cannot be
+stopped: the process then exits 1 without it instead of waiting for it forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from google.protobuf import descriptor_pool  # type: ignore[import-untyped]
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_health.v1 import health_pb2_grpc
 
-from service._generated.convserve.v1 import classifier_pb2 as classifier_pb
 from service._generated.convserve.v1 import classifier_pb2_grpc as classifier_grpc
-from service._generated.inference import grpc_service_pb2 as kserve_pb
 from service._generated.inference import grpc_service_pb2_grpc as kserve_grpc
-from service.app.tls import CertificateFiles, TlsError, server_credentials
+from service.app.listeners import (
+    enable_reflection,
+    forget_socket,
+    grpc_options,
+    listen,
+    own_socket,
+    security,
+    start_health_port,
+)
+from service.app.tls import TlsError
 from service.app.workers import WorkerRole
 from service.classification.api import Classification
 from service.core.event_loop import describe
-from service.core.ports import busy_port_message, port_is_free
 from service.core.settings import Settings
 from service.engine.dataplane import DataPlane
 from service.engine.lifecycle import Lifecycle
@@ -45,67 +54,16 @@ from service.engine.runtime import (
     return_large_blocks_to_the_os,
 )
 from service.wire.classifier_servicer import ClassifierServicer
+from service.wire.drain_markers import KINDS, send_markers
 from service.wire.health import Health
 from service.wire.kserve_servicer import KServeServicer
 from service.wire.restrictions import RestrictionInterceptor
-from service.wire.rpc import CALL_QUEUE_OPTIONS, register
-from service.wire.siblings import EveryWorker, Siblings, socket_path
+from service.wire.rpc import register
+from service.wire.siblings import EveryWorker, Siblings
 
 __all__ = ["run_server"]
 
 log = logging.getLogger(__name__)
-
-
-def _grpc_options(settings: Settings, role: WorkerRole | None) -> list[tuple[str, int]]:
-    options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        # Shared only among the workers of one supervisor; a lone server must own its port.
-        ("grpc.so_reuseport", 1 if role else 0),
-        *CALL_QUEUE_OPTIONS,  # every call reaches the server to be counted, or refused by it
-    ]
-    if settings.max_connection_age:
-        # GOAWAY after this age; in-flight calls get the drain grace to finish.
-        options += [
-            ("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(settings.drain_grace_seconds * 1000)),
-        ]
-    return options
-
-
-def _reflection_pool() -> descriptor_pool.DescriptorPool:
-    """Every served service's file in one pool, for reflection to describe.
-
-    Our contracts live in service._generated.POOL, apart from protobuf's default pool (where
-    tritonclient's same-named messages may be), and health and reflection live in the default
-    pool: reflection reads a single pool, so it gets one holding all four files.
-    """
-    pool = descriptor_pool.DescriptorPool()
-    for module in (kserve_pb, classifier_pb, health_pb2, reflection_pb2):
-        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
-    return pool
-
-
-def _enable_reflection(server: grpc.aio.Server) -> None:
-    reflection.enable_server_reflection(
-        [
-            kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-            classifier_pb.DESCRIPTOR.services_by_name["Classifier"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-        pool=_reflection_pool(),
-    )
-
-
-def _security(settings: Settings) -> str:
-    """How the gRPC port is protected, for its "listening" log line."""
-    parts = ["mutual TLS" if settings.grpc_use_ssl_mutual else "TLS" if settings.tls else ""]
-    parts += [f"restricted: {', '.join(sorted(r.groups))}" for r in settings.restrictions]
-    parts += ["" if settings.reflection else "no reflection"]
-    shown = [p for p in parts if p]
-    return f" ({'; '.join(shown)})" if shown else ""
 
 
 async def _watch_supervisor(role: WorkerRole, stop: asyncio.Event) -> None:
@@ -114,74 +72,6 @@ async def _watch_supervisor(role: WorkerRole, stop: asyncio.Event) -> None:
         await asyncio.sleep(1.0)
     log.error("worker %d: the supervisor is gone; draining", role.index)
     stop.set()
-
-
-def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials for the gRPC port (None: plaintext), re-reading rotated certificates."""
-    if not settings.tls:
-        return None
-    files = CertificateFiles(
-        Path(settings.grpc_server_cert),
-        Path(settings.grpc_server_key),
-        Path(settings.grpc_root_cert) if settings.grpc_use_ssl_mutual else None,
-    )
-    return server_credentials(files, mutual=settings.grpc_use_ssl_mutual)
-
-
-def _listen(server: grpc.aio.Server, settings: Settings, role: WorkerRole | None) -> int:
-    """Bind the gRPC port, and a worker's own socket; the port, or 0 (logged) on failure.
-
-    The socket is where the other workers reach this one (see :mod:`service.wire.siblings`); a
-    restarted worker finds its predecessor's socket file there. It stays plaintext: only this
-    machine's processes reach a Unix socket.
-
-    Raises:
-        TlsError: a certificate file cannot be read.
-    """
-    address = f"{settings.host}:{settings.grpc_port}"
-    # Checked first: gRPC would print its own low-level error and raise a bare RuntimeError.
-    if role is None and not port_is_free(settings.host, settings.grpc_port):
-        log.error(busy_port_message("gRPC", settings.host, settings.grpc_port, "grpc_port"))
-        return 0
-    credentials = _credentials(settings)
-    if credentials is None:
-        port = int(server.add_insecure_port(address))
-    else:
-        port = int(server.add_secure_port(address, credentials))
-    if port == 0:
-        log.error("cannot listen on %s:%d", settings.host, settings.grpc_port)
-        return 0
-    if role is not None:
-        private = socket_path(role.folder, role.index)
-        private.unlink(missing_ok=True)
-        if not server.add_insecure_port(f"unix:{private}"):
-            log.error("cannot listen on unix:%s", private)
-            return 0
-    return port
-
-
-async def _start_health_port(
-    settings: Settings, health: Health, role: WorkerRole | None
-) -> grpc.aio.Server | None:
-    """The plaintext listener that serves grpc.health.v1 only, for probes that cannot speak TLS.
-
-    It carries nothing but health statuses, so it weakens neither the TLS of the gRPC port nor
-    its restricted groups; None when ``--health-port`` is -1, or when it cannot bind (logged).
-    """
-    if settings.health_port < 0:
-        return None
-    if role is None and not port_is_free(settings.host, settings.health_port):
-        log.error(busy_port_message("health", settings.host, settings.health_port, "health_port"))
-        return None
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if role else 0)])
-    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.health_port}")
-    if port == 0:
-        log.error("cannot listen on %s:%d (--health-port)", settings.host, settings.health_port)
-        return None
-    await server.start()
-    log.info("health listening on %s:%d (plaintext, grpc.health.v1 only)", settings.host, port)
-    return server
 
 
 async def _load_models(parts: _Parts) -> list[str]:
@@ -229,6 +119,7 @@ class _Parts:
     siblings: Siblings | None
     server: grpc.aio.Server
     pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor]  # inference, decoding
+    socket: Path  # where the server listens for itself (drain markers) and its siblings
     probes: grpc.aio.Server | None = None  # the plaintext health port, when there is one
     poller: RepositoryPoller | None = None  # poll mode, in the process that polls
 
@@ -260,14 +151,15 @@ def _build(settings: Settings, role: WorkerRole | None) -> _Parts:
         Classification(plane, settings, decoders), settings.max_tensor_elements
     )
     interceptors = [RestrictionInterceptor(settings.restrictions)] if headers else []
-    server = grpc.aio.server(options=_grpc_options(settings, role), interceptors=interceptors)
+    server = grpc.aio.server(options=grpc_options(settings, role), interceptors=interceptors)
     register(kserve_grpc.add_GRPCInferenceServiceServicer_to_server, kserve, server)
     register(classifier_grpc.add_ClassifierServicer_to_server, classifier, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     if settings.reflection:
-        _enable_reflection(server)
+        enable_reflection(server)
+    pools = (executor, decoders)
     return _Parts(
-        settings, role, repository, lifecycle, health, siblings, server, (executor, decoders)
+        settings, role, repository, lifecycle, health, siblings, server, pools, own_socket(role)
     )
 
 
@@ -275,7 +167,7 @@ async def _open_ports(parts: _Parts) -> bool:
     """Start the gRPC port and the probes' health port; False (logged) when one cannot open."""
     settings = parts.settings
     try:
-        port = _listen(parts.server, settings, parts.role)
+        port = listen(parts.server, settings, parts.role, parts.socket)
     except TlsError as exc:
         log.error("cannot serve TLS: %s", exc)
         return False
@@ -283,8 +175,8 @@ async def _open_ports(parts: _Parts) -> bool:
         return False
     await parts.lifecycle.listen(parts.health.update)  # "" NOT_SERVING until models load
     await parts.server.start()
-    log.info("grpc listening on %s:%d%s", settings.host, port, _security(settings))
-    parts.probes = await _start_health_port(settings, parts.health, parts.role)
+    log.info("grpc listening on %s:%d%s", settings.host, port, security(settings))
+    parts.probes = await start_health_port(settings, parts.health, parts.role)
     if settings.health_port >= 0 and parts.probes is None:
         await parts.server.stop(0)
         return False
@@ -325,20 +217,66 @@ async def _load(parts: _Parts) -> int:
     return 0
 
 
-async def _drain(parts: _Parts) -> None:
+_CLOSING_SECONDS = 1.0
+"""Once the calls taken before the drain have finished: how long the calls refused meanwhile get
+to send their UNAVAILABLE, and the runtime to stop, before the server stops without them."""
+_QUIET_SECONDS = 0.05
+"""Clients told UNAVAILABLE stop calling within this; the server stops once they have."""
+
+
+async def _drain(parts: _Parts) -> bool:
+    """Refuse new calls, finish those taken before, stop; False when model calls still run.
+
+    The server keeps picking calls up while it drains, so that a call gRPC holds for it is
+    refused with UNAVAILABLE (retried elsewhere) rather than cancelled by the stop; it stops
+    once no call taken before the drain is left, or when the grace ends (cancelling the rest).
+    """
     grace = parts.settings.drain_grace_seconds
-    log.info("draining: finishing in-flight requests (grace %.1f s)", grace)
+    lifecycle = parts.lifecycle
+    ends = time.monotonic() + grace
+
+    def left() -> float:
+        return max(0.0, ends - time.monotonic())
+
+    log.info(
+        "draining: finishing in-flight requests (%d calls; grace %.1f s)",
+        lifecycle.in_flight,
+        grace,
+    )
     if parts.poller is not None:  # no model changes while the server drains
         await parts.poller.stop()
     parts.repository.draining()  # convserve_model_ready 0: no version takes new requests
-    await parts.lifecycle.draining()  # health NOT_SERVING everywhere, new requests UNAVAILABLE
-    await parts.server.stop(grace)
+    await lifecycle.draining(KINDS)  # readiness NOT_SERVING, streams end, new calls refused
+    headers = [(r.header, r.value) for r in parts.settings.restrictions]
+    if not await send_markers(parts.socket, headers, max(grace, 0.1)):
+        for kind in KINDS:
+            lifecycle.caught_up(kind)
+    finished = await lifecycle.finished(left())
+    if finished:
+        log.info("drained in %.2f s: every call taken before it finished", grace - left())
+        await lifecycle.quiet(_QUIET_SECONDS, min(_CLOSING_SECONDS, left()))
+    else:
+        log.warning("the drain grace ended; cancelling %d calls", lifecycle.in_flight)
+    await parts.server.stop(min(_CLOSING_SECONDS, left()) if finished else 0)
+    forget_socket(parts.socket, parts.role)
     if parts.probes is not None:
         await parts.probes.stop(0)
-    await parts.repository.close()
+    try:  # the batchers finish what they run; a wedged model call never does
+        await asyncio.wait_for(parts.repository.close(), max(left(), _CLOSING_SECONDS))
+    except TimeoutError:
+        log.error("model calls are still running in the runtime; exiting without them")
+        return False
     for pool in parts.pools:
         pool.shutdown(wait=True)
-    await parts.lifecycle.stopped()
+    await lifecycle.stopped()
+    return True
+
+
+def _exit_without_runtime_threads() -> None:
+    """End the process now: a thread that never returns would hold the interpreter's exit."""
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
@@ -373,9 +311,16 @@ async def run_server(settings: Settings, role: WorkerRole | None = None) -> int:
     code = await _load(parts)
     if code:
         return code
+    wedge = loop.create_task(
+        parts.lifecycle.watch(parts.repository.running_since, settings.max_inference_seconds),
+        name="wedge-watch",
+    )
     await stop.wait()
     if watcher is not None:
         watcher.cancel()
-    await _drain(parts)
+    stopped = await _drain(parts)
+    wedge.cancel()
+    if not stopped:
+        _exit_without_runtime_threads()
     log.info("stopped")
     return 0

@@ -33,6 +33,7 @@ class Classification:
     """
 
     def __init__(self, plane: DataPlane, settings: Settings, executor: Executor) -> None:
+        self.lifecycle = plane.lifecycle  # the server's: its door admits each call
         self._lookup = ModelLookup(plane)
         inputs = ImageInputs(settings, executor)
         self._classify = Classify(self._lookup, inputs, plane, settings.max_images_per_request)

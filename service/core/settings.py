@@ -149,7 +149,15 @@ class Settings:
         "HTTP/2 clients reconnect and spread over new pods (0: never)",
     )
     drain_grace_seconds: float = _setting(
-        20.0, "on SIGTERM, how long in-flight requests may take to finish"
+        20.0,
+        "on SIGTERM, how long the requests taken before it may take to finish (new ones are "
+        "refused with UNAVAILABLE; the server exits as soon as they are done)",
+    )
+    max_inference_seconds: float = _setting(
+        60.0,
+        "a model call (one batch in the runtime) still running after this long means the server "
+        "is wedged: liveness (health service 'liveness', ServerLive) turns NOT_SERVING so that "
+        "it is restarted (0: never)",
     )
     max_batch_size: int = _setting(32, "default max_batch_size (images per batch)")
     max_queue_delay_microseconds: int = _setting(
@@ -257,6 +265,7 @@ class Settings:
             "max_images_per_request": self.max_images_per_request >= 0,
             "max_dense_copies": self.max_dense_copies >= 1,
             "drain_grace_seconds": self.drain_grace_seconds >= 0,
+            "max_inference_seconds": self.max_inference_seconds >= 0,
             "max_connection_age": self.max_connection_age >= 0,
             "max_batch_size": self.max_batch_size >= 1,
             "max_queue_delay_microseconds": self.max_queue_delay_microseconds >= 0,

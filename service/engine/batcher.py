@@ -91,7 +91,7 @@ class BatchQueue:
         self._observer = observer
         self._queue: deque[Pending] = deque()
         self._door = Door(self._max_queue, self.__len__, self._purge)
-        self._busy: set[int] = set()  # instances running a batch now
+        self._busy: dict[int, float] = {}  # instances running a batch in a thread: since when
         self._images = 0
         self._arrived = asyncio.Event()
         self._closing = False
@@ -105,6 +105,10 @@ class BatchQueue:
     def __len__(self) -> int:
         """Requests in the queue (some may have expired or lost their caller meanwhile)."""
         return len(self._queue)
+
+    def running_since(self) -> float | None:
+        """When the longest-running batch now in a runtime thread began (monotonic), or None."""
+        return min(self._busy.values(), default=None)
 
     @property
     def may_run_inline(self) -> bool:
@@ -307,7 +311,7 @@ class BatchQueue:
             self._run_inline(batch, instance)
             return True
         feeds, total, stacked = stack_inputs(batch)
-        self._busy.add(instance)
+        self._busy[instance] = time.monotonic()
         try:
             loop = asyncio.get_running_loop()
             outputs, elapsed = await loop.run_in_executor(
@@ -317,7 +321,7 @@ class BatchQueue:
             fail_batch(batch, exc)
             return False
         finally:
-            self._busy.discard(instance)
+            self._busy.pop(instance, None)
         self._answer(batch, total, outputs, stacked, elapsed)
         return False
 

@@ -52,8 +52,12 @@ class DataPlane:
         self.lifecycle = Lifecycle(repository) if lifecycle is None else lifecycle
 
     def model(self, name: str, version: str, outcome: Outcome) -> ServedModel:
-        """Look a served model up, refusing new work while draining."""
-        if not self.lifecycle.accepts_work():
+        """Look a served model up, refusing work the server did not take before its drain.
+
+        A call admitted at the door before the drain began is served even when its lookup
+        comes later (its request read, its images decoded meanwhile).
+        """
+        if not self.lifecycle.admitted():
             self.attribute(outcome, name, version)
             metrics.DROPPED.labels(outcome.model, "draining").inc()
             raise Draining()

@@ -37,6 +37,7 @@ __all__ = [
     "DROPPED",
     "INFERENCES",
     "INFLIGHT",
+    "LONGEST_INFERENCE",
     "MODEL_DEVICE_MEMORY",
     "MODEL_LOAD_FAILURES",
     "MODEL_READY",
@@ -121,6 +122,12 @@ QUEUE_DEPTH = Gauge(
 )
 INFLIGHT = Gauge(
     "convserve_inflight_requests", "Requests inside the server.", multiprocess_mode="livesum"
+)
+LONGEST_INFERENCE = Gauge(
+    "convserve_longest_inference_seconds",
+    "How long the longest-running model call in the runtime has run (0: none is running); past "
+    "--max-inference-seconds the server is wedged and its liveness NOT_SERVING.",
+    multiprocess_mode="livemax",
 )
 DROPPED = Counter(
     "convserve_dropped_requests_total",

@@ -315,6 +315,13 @@ class ModelRepository:
         for logical in names:
             self._state[logical] = ("UNAVAILABLE", "unloaded")
 
+    def running_since(self) -> float | None:
+        """When the longest-running model call of a served version began (monotonic), or None."""
+        return min(
+            (t for m in self.served() if (t := m.batcher.running_since()) is not None),
+            default=None,
+        )
+
     def draining(self) -> None:
         """The server drains: no version takes new requests, so none reports ready."""
         for model in self.served():

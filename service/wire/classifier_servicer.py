@@ -143,6 +143,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     """See the module docstring."""
 
     def __init__(self, classification: Classification, max_elements: int) -> None:
+        self.lifecycle = classification.lifecycle
         self._classification = classification
         self._max_elements = max_elements
 

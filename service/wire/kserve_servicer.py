@@ -8,7 +8,7 @@ control mode's decision (:mod:`service.engine.model_control`).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeAlias
 
 import grpc
@@ -17,6 +17,7 @@ from service import __version__
 from service._generated.inference import grpc_service_pb2 as pb
 from service._generated.inference import grpc_service_pb2_grpc as pb_grpc
 from service.core.errors import InvalidArgument, ModelNotFound, ServingError
+from service.engine.admission import Draining
 from service.engine.dataplane import DataPlane, Outcome
 from service.engine.model_control import ModelControl
 from service.wire.codec import decode_request, encode_response
@@ -60,7 +61,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         self._plane = plane
         self._repository = plane.repository
-        self._lifecycle = plane.lifecycle
+        self.lifecycle = plane.lifecycle
         self._max_elements = max_elements
         # The other workers (serve --workers): statistics add up, model control is repeated.
         self._siblings = siblings
@@ -69,12 +70,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Context
     ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=self._lifecycle.live())
+        return pb.ServerLiveResponse(live=self.lifecycle.live())
 
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: Context
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._lifecycle.ready())
+        return pb.ServerReadyResponse(ready=self.lifecycle.ready())
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Context
@@ -82,7 +83,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             if isinstance(request, Undecodable):
                 raise request.error()
-            ready = self._lifecycle.model_ready(request.name, request.version)
+            ready = self.lifecycle.model_ready(request.name, request.version)
         except InvalidArgument as exc:  # a version that is no number: a client's mistake
             await context.abort(exc.code, exc.message)
         return pb.ModelReadyResponse(ready=ready)
@@ -201,8 +202,29 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         Each message counts as a KServe request in the metrics (api ``kserve``); at most
         ``STREAM_IN_FLIGHT`` are answered at once, and as many answers wait unread (see
-        :mod:`service.wire.streams`).
+        :mod:`service.wire.streams`). The stream is admitted as one call: once the drain has
+        begun, a new stream is refused, and an open one answers every message it has read and
+        then ends with UNAVAILABLE, the messages after them unread (the client resends them to
+        another replica).
         """
+        lifecycle = self.lifecycle
+        if not lifecycle.admit():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, Draining().message)
+        try:
+            messages = _Messages(request_iterator)
+            async for answer in completion_order(
+                messages, self._one_of_stream(context), STREAM_IN_FLIGHT, lifecycle.drain_begun
+            ):
+                yield answer
+            if lifecycle.drain_begun.is_set() and not messages.ended:  # closed by the drain
+                await context.abort(grpc.StatusCode.UNAVAILABLE, Draining().message)
+        finally:
+            lifecycle.release()
+
+    def _one_of_stream(
+        self, context: Context
+    ) -> Callable[[pb.ModelInferRequest], Awaitable[pb.ModelStreamInferResponse]]:
+        """What answers one message of a ModelStreamInfer stream (its errors in-band)."""
 
         async def one(message: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             outcome = Outcome()
@@ -222,8 +244,25 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 infer_response=pb.ModelInferResponse(id=getattr(message, "id", "")),
             )
 
-        async for answer in completion_order(request_iterator, one, STREAM_IN_FLIGHT):
-            yield answer
+        return one
+
+
+class _Messages:
+    """A stream's request messages, noting whether the client ended them (not the drain)."""
+
+    def __init__(self, messages: AsyncIterator[pb.ModelInferRequest]) -> None:
+        self._messages = aiter(messages)
+        self.ended = False
+
+    def __aiter__(self) -> _Messages:
+        return self
+
+    async def __anext__(self) -> pb.ModelInferRequest:
+        try:
+            return await anext(self._messages)
+        except StopAsyncIteration:
+            self.ended = True
+            raise
 
 
 def _one_repository(name: str) -> None:

@@ -6,6 +6,11 @@ up yet, and a call whose deadline passes there, or whose client gives up, is pic
 So an inference method reads its own request (:func:`register` serves it as a stream of one
 message, the same on the wire) and counts such a call as DEADLINE_EXCEEDED or CANCELLED.
 
+Each inference call is admitted or refused at the door as the server picks it up
+(:meth:`~service.engine.lifecycle.Lifecycle.admit`): once the drain has begun, and its method's
+drain marker has arrived (:mod:`service.wire.drain_markers`), a new call is refused with
+UNAVAILABLE; a call admitted before is served to its end.
+
 Refusals under load and calls their clients gave up on are counted, and logged as one summary
 line every few seconds (:class:`~service.core.logs.RefusalSummary`); other failures are logged
 one WARNING line each, and a fault of the server one ERROR line with its traceback.
@@ -20,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
@@ -30,11 +35,14 @@ from service.core.logs import RefusalSummary
 from service.engine import metrics
 from service.engine.admission import drop_reason
 from service.engine.dataplane import DEADLINE_SLACK, Outcome
+from service.engine.lifecycle import Lifecycle
 from service.engine.metrics import UNKNOWN_MODEL
+from service.wire import drain_markers
 
 __all__ = [
     "CALL_QUEUE_OPTIONS",
     "REFUSALS",
+    "Serving",
     "Undecodable",
     "counted",
     "deadline_of",
@@ -166,11 +174,15 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     raise AssertionError("unreachable: abort() raises")
 
 
-def _request_id(context: grpc.aio.ServicerContext) -> str:
+def _headers(context: grpc.aio.ServicerContext) -> tuple[str, bool]:
+    """The call's request id ("" when none), and whether it is this server's drain marker."""
+    request_id, marker = "", False
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id":
-            return str(value)
-    return ""
+            request_id = str(value)
+        elif key == drain_markers.HEADER:
+            marker = value == drain_markers.SECRET
+    return request_id, marker
 
 
 _CHILDREN: dict[tuple[object, tuple[str, ...]], Any] = {}
@@ -312,28 +324,53 @@ async def _read(context: grpc.aio.ServicerContext) -> Any:
     return request
 
 
+class Serving(Protocol):
+    """A servicer of inference RPCs: the lifecycle of its server admits each call."""
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        """The server's lifecycle."""
+        ...
+
+
+Inferring = TypeVar("Inferring", bound=Serving)
+
+
 def inference_rpc(
     api: str,
 ) -> Callable[
-    [Callable[[Servicer, Request, grpc.aio.ServicerContext, Outcome], Awaitable[Reply]]],
-    Handler[Servicer, Request, Reply],
+    [Callable[[Inferring, Request, grpc.aio.ServicerContext, Outcome], Awaitable[Reply]]],
+    Handler[Inferring, Request, Reply],
 ]:
-    """Decorate an inference RPC of ``api``: statuses and request metrics.
+    """Decorate an inference RPC of ``api``: the drain's door, statuses and request metrics.
 
     The method gets the request's :class:`Outcome` as a fourth argument, to fill in. Served
-    through :func:`register`, the call is counted from the moment the server picks it up.
+    through :func:`register`, the call is counted from the moment the server picks it up, and
+    admitted or refused then (a drain marker closes the door for its kind: see
+    :mod:`service.wire.drain_markers`): a call refused because the drain has begun still has its
+    request read, so that the data plane names its model in the refusal's metrics.
     """
 
     def decorate(
-        method: Callable[[Servicer, Request, grpc.aio.ServicerContext, Outcome], Awaitable[Reply]],
-    ) -> Handler[Servicer, Request, Reply]:
+        method: Callable[[Inferring, Request, grpc.aio.ServicerContext, Outcome], Awaitable[Reply]],
+    ) -> Handler[Inferring, Request, Reply]:
+        kind = method.__name__  # the door's kind of call (see service.wire.drain_markers)
+
         @functools.wraps(method)
-        async def wrapper(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Reply:
+        async def wrapper(
+            self: Inferring, request: Any, context: grpc.aio.ServicerContext
+        ) -> Reply:
             # The hot path of every inference: plain try/except, no context managers (two
             # nested async ones cost more than the rest of this wrapper).
-            outcome = Outcome(request_id=_request_id(context))
+            request_id, marker = _headers(context)
+            lifecycle = self.lifecycle
+            if marker:  # every call of this kind received before the drain has been admitted
+                lifecycle.caught_up(kind)
+                await context.abort(*drain_markers.ANSWER)
+            outcome = Outcome(request_id=request_id)
             started = time.perf_counter()
             ending = _OK
+            taken = lifecycle.admit(kind)
             metrics.INFLIGHT.inc()
             try:
                 if request is _UNREAD:
@@ -347,6 +384,8 @@ def inference_rpc(
                     raise
                 await _abort(context, exc)
             finally:
+                if taken:
+                    lifecycle.release()
                 if ending.dropped in _LEFT and outcome.model == UNKNOWN_MODEL:
                     # Ended before its model was known (its request unread, say): no batcher
                     # counted it.
