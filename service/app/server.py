@@ -209,6 +209,13 @@ async def _load(parts: _Parts) -> int:
         poller.start()
         parts.poller = poller
     names = ", ".join(sorted({m.name for m in parts.repository.served()})) or "no models"
+    if names == "no models" and parts.settings.model_control_mode != "explicit":
+        # explicit mode starts empty on purpose (no --load-model); otherwise it is a mistake
+        log.warning(
+            "the model repository %s holds no models: serving nothing (point "
+            "--model-repository at a folder of <name>/<version>/model.onnx)",
+            parts.settings.model_repository,
+        )
     if parts.role is None:
         log.info("ready: serving %s", names)
     else:
