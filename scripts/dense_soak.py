@@ -27,7 +27,6 @@ import json
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scripts.server_readings import rss_bytes, scrape  # noqa: E402
 from service import BUNDLED_REPOSITORY  # noqa: E402
 from service._generated.convserve.v1 import classifier_pb2 as pb  # noqa: E402
 from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc  # noqa: E402
@@ -172,17 +172,14 @@ class Gate:
 def idle_rss(pid: int) -> int:
     """The server's resident memory once it has been idle a second, in bytes."""
     time.sleep(1.0)
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS line")
+    return rss_bytes(pid)
 
 
 class Memory:
     """The server process's resident memory, sampled on a thread of its own."""
 
     def __init__(self, pid: int, interval: float = 0.25) -> None:
-        self._status = Path(f"/proc/{pid}/status")
+        self._pid = pid
         self._interval = interval
         self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
@@ -192,10 +189,7 @@ class Memory:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            for line in self._status.read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
-                    self.samples.append((time.monotonic() - self._started, rss))
+            self.samples.append((time.monotonic() - self._started, rss_bytes(self._pid)))
 
     def stop(self, first: int, end: int) -> dict[str, Any]:
         """Stop sampling; the peak, the idle figures ``first`` and ``end``, in MB."""
@@ -218,15 +212,7 @@ class Memory:
 
 def metric(server: ServerProcess, name: str, **labels: str) -> float:
     """The sum of a metric's samples whose labels include ``labels``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
+    return scrape(server.metrics_url).total(name, **labels)
 
 
 def refusals_up_front(server: ServerProcess) -> dict[str, Any]:

@@ -13,13 +13,13 @@ import json
 import re
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
+from scripts.server_readings import scrape
 from service import BUNDLED_REPOSITORY
 from service._generated.convserve.v1 import classifier_pb2 as pb
 from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -46,15 +46,7 @@ def refusal(call) -> str:
 
 
 def metric(server: ServerProcess, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
+    return scrape(server.metrics_url).total(name, **labels)
 
 
 def test_every_map_format_carries_the_same_map(classifier_stub) -> None:
