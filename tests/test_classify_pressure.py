@@ -9,11 +9,7 @@ in passes that fit the memory answer what one pass answers. Then the quick modes
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -24,9 +20,9 @@ from service import BUNDLED_REPOSITORY
 from service._generated.convserve.v1 import classifier_pb2 as pb
 from service._generated.convserve.v1 import classifier_pb2_grpc as pb_grpc
 from service.tools.server_process import ServerProcess
+from tests.apart import run_quick
 from tests.classifier_server import png, probabilities
 
-ROOT = Path(__file__).resolve().parents[1]
 STRIP = np.random.default_rng(5).integers(0, 256, (60, 60), dtype=np.uint8)  # 27 x 27 cells
 
 
@@ -154,22 +150,8 @@ def test_copies_go_in_passes_that_fit_the_memory_and_answer_the_same(
     assert metric(budget_server, "convserve_dense_cells_total") == cells
 
 
-def run_script(name: str) -> dict:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / name), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    figures: dict = json.loads(result.stdout.splitlines()[-1])
-    assert figures["failures"] == []
-    return figures
-
-
 def test_monopoly_quick_the_largest_classify_leaves_room_for_small_requests() -> None:
-    figures = run_script("monopoly.py")
+    figures = run_quick("monopoly.py")
     assert figures["largest_classify"]["images"] == 128
     assert figures["over_the_limit"]["code"] == "RESOURCE_EXHAUSTED"
     assert figures["during_largest_classify"]["count"] >= 20  # every one answered
@@ -177,7 +159,7 @@ def test_monopoly_quick_the_largest_classify_leaves_room_for_small_requests() ->
 
 
 def test_dense_soak_quick_refuses_up_front_and_fails_nothing() -> None:
-    figures = run_script("dense_soak.py")
+    figures = run_quick("dense_soak.py")
     assert figures["counts"]["ok"] > 0
     assert set(figures["counts"]) <= {"ok", "refused_answer_size", "refused_memory"}
     up_front = figures["up_front"]

@@ -10,10 +10,6 @@ sends SIGTERM mid-load.
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from grpc_health.v1 import health_pb2
@@ -22,9 +18,9 @@ from service.core.errors import Unavailable
 from service.engine.dataplane import DataPlane, Outcome
 from service.engine.lifecycle import Lifecycle
 from service.wire.health import LIVENESS, OVERALL, Health
+from tests.apart import run_quick
 from tests.test_lifecycle_unit import Models
 
-ROOT = Path(__file__).resolve().parents[1]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -130,16 +126,7 @@ async def test_liveness_stays_serving_through_the_drain_and_readiness_does_not()
 
 
 def test_drain_quick_loses_nothing() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "drain.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(result.stdout.splitlines()[-1])
-    assert report["failures"] == []
+    report = run_quick("drain.py")
     unary, stream, server = report["unary"], report["stream"], report["server"]
     assert unary["in_flight_at_sigterm"] > 0
     assert "CANCELLED" not in unary["in_flight_ended"]

@@ -4,25 +4,11 @@ answers normally afterwards."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.apart import run_quick
 
 
 def test_overload_quick_accounts_for_every_call_and_logs_no_error() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "overload.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(result.stdout.splitlines()[-1])
-    assert report["failures"] == []
+    report = run_quick("overload.py")
     assert {p["in_flight"] for p in report["phases"]} <= {256, 2048}
     for phase in report["phases"]:
         assert phase["accounted_share"] >= 0.99
