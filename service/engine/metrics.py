@@ -193,15 +193,24 @@ class WorkerCounts(Collector):
         )
 
 
+FORGOTTEN = math.inf
+"""What a worker writes for a readiness series it has dropped (see :func:`forget_ready`).
+
+Readiness is the minimum over the live workers: infinity leaves another worker's 0 or 1 as the
+minimum whatever order the workers' files are read in (NaN would not: a comparison with NaN is
+false, so the first file read would win), and is left out only where every worker forgot it.
+"""
+
+
 def forget_ready(*labels: str) -> None:
     """Drop a ``convserve_model_ready`` series: the version was replaced or unloaded.
 
     A worker of ``serve --workers`` cannot remove a label set (prometheus_client's multiprocess
-    mode keeps the last value in the worker's file), so it marks the series NaN, and the
-    supervisor's :class:`_Workers` collector leaves NaN readiness out.
+    mode keeps the last value in the worker's file), so it marks the series :data:`FORGOTTEN`,
+    and the supervisor's :class:`_Workers` collector leaves such readiness out.
     """
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        MODEL_READY.labels(*labels).set(math.nan)
+        MODEL_READY.labels(*labels).set(FORGOTTEN)
     else:
         with contextlib.suppress(KeyError):
             MODEL_READY.remove(*labels)
@@ -214,10 +223,10 @@ class _Workers(Collector):
         self._files = MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
 
     def collect(self) -> Iterator[Any]:
-        """The workers' families; readiness samples marked NaN by :func:`forget_ready` left out."""
+        """The workers' families; readiness marked :data:`FORGOTTEN` everywhere left out."""
         for family in self._files.collect():  # type: ignore[no-untyped-call]
             if family.name == MODEL_READY._name:
-                family.samples = [s for s in family.samples if not math.isnan(s.value)]
+                family.samples = [s for s in family.samples if s.value != FORGOTTEN]
             yield family
 
 
