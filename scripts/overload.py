@@ -18,6 +18,10 @@ more request, and the server's log lines by level. The last line is the JSON of 
 h2load sees HTTP statuses only (gRPC's travel in trailers): for its phases the codes are the
 server's.
 
+The gRPC floor (``service.tools.grpc_floor``: the model behind a bare grpc.aio handler) is
+measured beside it: its CPU per answered call and per call it refuses at once (an unknown
+model name, aborted before any work), the least a refusal can cost in gRPC Python.
+
 ``--quick`` (the test suite runs it) drives 256 in flight for a few seconds, then 2,048 from
 h2load (more than gRPC holds for a server by default), and checks: every refusal a client saw
 was counted, the server accounted for at least 99 % of the answered calls, a request after the
@@ -265,6 +269,26 @@ def after_load(address: str) -> dict[str, Any]:
     return {"code": code, "ms": round((time.perf_counter() - started) * 1000, 1)}
 
 
+def floor(seconds: float) -> dict[str, Any]:
+    """The gRPC floor's CPU per answered call and per immediate refusal, 16 in flight each."""
+    refused = pb.ModelInferRequest.FromString(request_bytes())
+    refused.model_name = "no-such-model"  # the floor aborts it before decoding anything
+    drive = h2load if shutil.which("h2load") else loadgen
+    found: dict[str, Any] = {}
+    with ServerProcess(
+        BUNDLED_REPOSITORY, "--model", MODEL, module=("service.tools.grpc_floor",)
+    ) as server:
+        pid = server.process.pid if server.process else 0
+        for kind, body in (("answered", request_bytes()), ("refused", refused.SerializeToString())):
+            cpu = cpu_seconds(pid)
+            calls = drive(server.grpc_address, 16, 2, seconds, body)["answered"]
+            found[f"cpu_ms_per_{kind}"] = round((cpu_seconds(pid) - cpu) / calls * 1000, 3)
+    found["refusal_to_answer"] = round(
+        found["cpu_ms_per_refused"] / found["cpu_ms_per_answered"], 2
+    )
+    return found
+
+
 def check(report: dict[str, Any]) -> list[str]:
     """The behaviour --quick asserts (never the timings)."""
     failures = []
@@ -325,6 +349,7 @@ def main() -> int:
         report["after_load"] = after_load(server.grpc_address)
         time.sleep(6.0)  # the refusal summary's line, a few seconds after the last refusal
         report["log_levels"] = levels(server.lines)
+    report["grpc_floor"] = floor(2.0 if args.quick else 10.0)
     report["failures"] = check(report) if args.quick else []
     print(json.dumps(report))
     return 1 if report["failures"] else 0
