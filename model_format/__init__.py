@@ -185,6 +185,15 @@ class ModelInfo:
     dense: DenseGeometry | None = None
     precision: Precision | None = None
 
+    @property
+    def precision_name(self) -> str:
+        """The precision the file is served in: ``fp32``, ``fp16`` or ``int8``.
+
+        A file without a :data:`PRECISION` document is taken as ``fp32``: the convserve exports
+        that lack the document (it came with ``--precision``) are all fp32 files.
+        """
+        return self.precision.name if self.precision is not None else "fp32"
+
 
 def cell_counts(
     size: Sequence[int], window: Sequence[int], stride: Sequence[int], divisor: int = 1

@@ -89,6 +89,7 @@ def test_client_commands(classifier_server: ServerProcess, held_out, tmp_path: P
         "dense": True,
         "stride": [2, 2],
         "exact": True,
+        "precision": "fp32",
     }
     table = convserve("models")
     assert "digits" in table.stdout and "padded" in table.stdout

@@ -39,6 +39,7 @@ __all__ = [
     "INFLIGHT",
     "LONGEST_INFERENCE",
     "MODEL_DEVICE_MEMORY",
+    "MODEL_INFO",
     "MODEL_LOAD_FAILURES",
     "MODEL_READY",
     "QUEUE_DEPTH",
@@ -49,6 +50,7 @@ __all__ = [
     "UNKNOWN_MODEL",
     "WORKER_METRICS",
     "WorkerCounts",
+    "forget_info",
     "forget_ready",
     "gpu_memory_used",
     "multiprocess_registry",
@@ -140,6 +142,14 @@ MODEL_READY = Gauge(
     ["model", "version", "provider"],
     multiprocess_mode="livemin",
 )
+# livemin as readiness: every worker writes 1, so the supervisor shows 1 (a sum would show N).
+MODEL_INFO = Gauge(
+    "convserve_model_info",
+    "1 for every served model version, labelled with the precision its file is stored in and "
+    "the execution provider that runs it.",
+    ["model", "version", "precision", "provider"],
+    multiprocess_mode="livemin",
+)
 MODEL_LOAD_FAILURES = Counter(
     "convserve_model_load_failures_total",
     "Model loads that failed (a file or config.json that does not load, or a load past "
@@ -207,13 +217,22 @@ def forget_ready(*labels: str) -> None:
 
     A worker of ``serve --workers`` cannot remove a label set (prometheus_client's multiprocess
     mode keeps the last value in the worker's file), so it marks the series :data:`FORGOTTEN`,
-    and the supervisor's :class:`_Workers` collector leaves such readiness out.
+    and the supervisor's :class:`_Workers` collector leaves such series out.
     """
+    _forget(MODEL_READY, labels)
+
+
+def forget_info(*labels: str) -> None:
+    """Drop a ``convserve_model_info`` series, as :func:`forget_ready` does readiness."""
+    _forget(MODEL_INFO, labels)
+
+
+def _forget(gauge: Gauge, labels: tuple[str, ...]) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        MODEL_READY.labels(*labels).set(FORGOTTEN)
+        gauge.labels(*labels).set(FORGOTTEN)
     else:
         with contextlib.suppress(KeyError):
-            MODEL_READY.remove(*labels)
+            gauge.remove(*labels)
 
 
 class _Workers(Collector):
@@ -223,9 +242,9 @@ class _Workers(Collector):
         self._files = MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
 
     def collect(self) -> Iterator[Any]:
-        """The workers' families; readiness marked :data:`FORGOTTEN` everywhere left out."""
+        """The workers' families; series marked :data:`FORGOTTEN` by every worker left out."""
         for family in self._files.collect():  # type: ignore[no-untyped-call]
-            if family.name == MODEL_READY._name:
+            if family.name in (MODEL_READY._name, MODEL_INFO._name):
                 family.samples = [s for s in family.samples if s.value != FORGOTTEN]
             yield family
 

@@ -64,6 +64,11 @@ class ServedModel:
     batcher: BatchQueue
 
     @property
+    def precision(self) -> str:
+        """``fp32``, ``fp16`` or ``int8``, as the file's metadata says (``fp32`` where silent)."""
+        return self.info.precision_name
+
+    @property
     def inputs(self) -> list[TensorSpec]:
         """Input tensors (shape includes the batch axis, -1, when batching)."""
         return self.runtime.inputs
@@ -139,6 +144,25 @@ def warm_up_sizes(max_batch: int, preferred: Sequence[int], buckets: bool) -> li
     return sorted(sizes)
 
 
+def _warn_fp16_on_cpu(name: str, version: int, provider: str) -> None:
+    """Say once per version load that an fp16 file on the CPU answers right but gains nothing.
+
+    A warning, not information: nothing is wrong with the answers, but the operator most likely
+    deployed the wrong file for the machine. fp16 exports are meant for CUDA; ONNX Runtime's CPU
+    provider casts to fp32 and back around every operator it has no fp16 kernel for, so the file
+    computes as fp32 at best and is slower where the casts stay. Logged for the classifier only:
+    its dense twin is the same export, and one line per load says it.
+    """
+    log.warning(
+        "%s v%d is fp16 and runs on %s: its answers are correct, but fp16 on the CPU is no "
+        "faster than fp32 and may be slower; fp16 files are meant for CUDA (on the CPU, serve "
+        "the fp32 or int8 export of this model)",
+        name,
+        version,
+        provider,
+    )
+
+
 class ModelLoader:
     """Builds the versions of a model folder on one device with the server's settings."""
 
@@ -205,15 +229,19 @@ class ModelLoader:
             # model's load and warm-up is the best measure there is (loads run one at a time).
             metrics.MODEL_DEVICE_MEMORY.labels(name).set(max(0, after - device_memory))
         log.info(
-            "loaded %s v%d from %s on %s (%d instance(s), %d thread(s) each, max_batch_size %d)",
+            "loaded %s v%d from %s (%s) on %s (%d instance(s), %d thread(s) each, "
+            "max_batch_size %d)",
             name,
             version,
             path,
+            info.precision_name,
             runtime.provider,
             len(runtime.sessions),
             runtime.threads,
             max_batch,
         )
+        if info.precision_name == "fp16" and not runtime.on_cuda and not dense:
+            _warn_fp16_on_cpu(name, version, runtime.provider)
         return BuiltModel(name, version, dense, runtime, max_batch, info)
 
     def serve(self, built: BuiltModel, logical: str, config: ModelConfig) -> ServedModel:

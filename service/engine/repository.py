@@ -263,15 +263,20 @@ class ModelRepository:
         for model in fresh:
             self._served.setdefault(model.name, {})[model.version] = model
         ready = {(m.name, str(m.version), m.runtime.provider) for m in fresh}
-        for model in old:  # replaced or unloaded versions leave the gauge, not linger at 0
+        described = {_described(m) for m in fresh}
+        for model in old:  # replaced or unloaded versions leave the gauges, not linger at 0
             labels = (model.name, str(model.version), model.runtime.provider)
             if labels not in ready:
                 metrics.forget_ready(*labels)
+            if _described(model) not in described:
+                metrics.forget_info(*_described(model))
         # A failed earlier load's "nothing serves it" series goes once the model serves, or
         # once it is unloaded: an unloaded model leaves no readiness series behind.
         metrics.forget_ready(logical, "", "none")
         for labels in ready:
             metrics.MODEL_READY.labels(*labels).set(1)
+        for description in described:
+            metrics.MODEL_INFO.labels(*description).set(1)
         await self._changed(names)
         if old:
             retiring = asyncio.create_task(_retire(old), name=f"retire-{logical}")
@@ -335,6 +340,11 @@ class ModelRepository:
 
 class LoadTimedOut(Exception):
     """A model's build took longer than ``--model-load-timeout-seconds`` and was abandoned."""
+
+
+def _described(model: ServedModel) -> tuple[str, str, str, str]:
+    """A served version's ``convserve_model_info`` labels: model, version, precision, provider."""
+    return (model.name, str(model.version), model.precision, model.runtime.provider)
 
 
 def _first_line(exc: BaseException) -> str:

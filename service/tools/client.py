@@ -297,6 +297,7 @@ def _models(args: argparse.Namespace) -> int:
             "dense": m.dense,
             "stride": list(m.geometry.stride) if m.dense else None,
             "exact": m.geometry.exact if m.dense else None,
+            "precision": m.precision or None,
         }
         for m in reply.models
     ]
@@ -304,14 +305,15 @@ def _models(args: argparse.Namespace) -> int:
         print(json.dumps(documents))
         return 0
     print(
-        f"{'name':<24} {'version':>7} {'input':>12} {'labels':>7} {'dense':>6} {'stride':>8} exact"
+        f"{'name':<24} {'version':>7} {'input':>12} {'labels':>7} {'precision':>9} {'dense':>6} "
+        f"{'stride':>8} exact"
     )
     for d in documents:
         shape = "x".join(map(str, [d["channels"], *d["window"]]))
         stride = "x".join(map(str, d["stride"])) if d["stride"] else "-"
         print(
             f"{d['name']:<24} {d['version']:>7} {shape:>12} {d['labels']:>7} "
-            f"{'yes' if d['dense'] else 'no':>6} {stride:>8} "
+            f"{d['precision'] or '-':>9} {'yes' if d['dense'] else 'no':>6} {stride:>8} "
             f"{'-' if d['exact'] is None else d['exact']}"
         )
     return 0

@@ -198,6 +198,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 window=list(info.window or model.inputs[0].shape[2:]),
                 channels=info.channels or max(model.inputs[0].shape[1], 0),
                 dense=twin is not None,
+                precision=model.precision,
             )
             geometry = (twin.info.dense or info.dense) if twin else None
             if geometry is not None:

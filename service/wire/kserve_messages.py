@@ -32,6 +32,9 @@ def model_metadata(model: ServedModel, versions: list[int]) -> pb.ModelMetadataR
 def model_config(model: ServedModel) -> pb.ModelConfigResponse:
     """ModelConfig in Triton's terms; with batching, dims leave the batch axis out.
 
+    ``parameters`` name the precision the file is stored in (``precision``: ``fp32``, ``fp16``
+    or ``int8``) and, for a dense twin, its geometry (``dense_stride``, ``dense_window``).
+
     A model served without a batch axis (max_batch_size 0) has no dynamic_batching, as Triton
     requires: clients such as perf_analyzer read its presence as "requests are batched".
     """
@@ -84,6 +87,7 @@ def model_config(model: ServedModel) -> pb.ModelConfigResponse:
         config.output.add(
             name=spec.name, data_type=_data_type(spec.datatype), dims=list(spec.shape[skip:])
         )
+    config.parameters["precision"].string_value = model.precision
     if model.info.dense is not None:
         geometry = model.info.dense
         config.parameters["dense_stride"].string_value = ",".join(map(str, geometry.stride))

@@ -195,7 +195,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelDescription(_message.Message):
-    __slots__ = ("name", "version", "labels", "window", "channels", "dense", "geometry")
+    __slots__ = ("name", "version", "labels", "window", "channels", "dense", "geometry", "precision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,7 @@ class ModelDescription(_message.Message):
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     labels: int
@@ -210,7 +211,8 @@ class ModelDescription(_message.Message):
     channels: int
     dense: bool
     geometry: Geometry
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., labels: _Optional[int] = ..., window: _Optional[_Iterable[int]] = ..., channels: _Optional[int] = ..., dense: bool = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ...) -> None: ...
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., labels: _Optional[int] = ..., window: _Optional[_Iterable[int]] = ..., channels: _Optional[int] = ..., dense: bool = ..., geometry: _Optional[_Union[Geometry, _Mapping]] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
