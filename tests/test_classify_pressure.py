@@ -3,13 +3,16 @@
 Through a real server: a Classify over its image limit, a ClassifyDense answer over
 ``--max-response-bytes`` and a pass over ``--dense-memory-bytes`` are refused before any work
 (nothing computed, the refusal counted); the map formats carry the same map; a scale's copies
-in passes that fit the memory answer what one pass answers. Then the quick modes of
-``scripts/monopoly.py`` and ``scripts/dense_soak.py``, which check the same under load.
+in passes that fit the memory answer what one pass answers; a Classify its client leaves is
+counted once as dropped. Then the quick modes of ``scripts/monopoly.py`` and
+``scripts/dense_soak.py``, which check the same under load.
 """
 
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -166,3 +169,55 @@ def test_dense_soak_quick_refuses_up_front_and_fails_nothing() -> None:
     assert up_front["answer_size"]["outcome"] == "refused_answer_size"
     assert up_front["memory"]["outcome"] == "refused_memory"
     assert up_front["cells_computed"] == 0 and up_front["counted_by_the_server"] == 2
+
+
+def test_a_classify_that_ends_while_it_decodes_is_counted_once_as_dropped() -> None:
+    """Its model is known and its first chunk has run: no batcher sees it go, it counts itself.
+
+    Once in ``convserve_dropped_requests_total`` as in ``convserve_requests_total``, however
+    many of its chunks were queued, computing or not yet decoded when its client left, or when
+    its deadline passed.
+    """
+    count, side = 1024, 1000  # a few seconds of decoding on two cores
+    stripes = np.zeros((side, side), np.uint8)
+    stripes[::7] = 255
+    request = pb.ClassifyRequest(model="digits", images=[pb.Image(encoded=png(stripes))] * count)
+    flags = ("--max-images-per-request", str(count), "--max-request-pixels", str(count * side**2))
+    with (
+        ServerProcess(BUNDLED_REPOSITORY, *flags) as server,
+        grpc.insecure_channel(server.grpc_address) as channel,
+    ):
+        stub = pb_grpc.ClassifierStub(channel)
+        before = scrape(server.metrics_url)
+        call = stub.Classify.future(request, timeout=120)
+        # Its first chunk has run: the request is read, its model known, its next chunks decode.
+        until(lambda: metric(server, "convserve_batches_total", model="digits") > 0)
+        assert call.cancel(), "the Classify ended before its client could leave"
+        until(lambda: metric(server, "convserve_requests_total", code="CANCELLED") > 0)
+        until(lambda: metric(server, "convserve_inflight_requests") == 0)
+        until(lambda: metric(server, "convserve_queue_depth", model="digits") == 0)
+        left = scrape(server.metrics_url)
+        with pytest.raises(grpc.RpcError) as late:  # seconds of work, half a second to do it
+            stub.Classify(request, timeout=0.5)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        until(lambda: metric(server, "convserve_requests_total", code="DEADLINE_EXCEEDED") > 0)
+        until(lambda: metric(server, "convserve_inflight_requests") == 0)
+        until(lambda: metric(server, "convserve_queue_depth", model="digits") == 0)
+        expired = scrape(server.metrics_url).minus(left)
+    cancelled = left.minus(before)
+    assert cancelled.by("convserve_requests_total", "code") == {"CANCELLED": 1}
+    assert cancelled.total("convserve_requests_total", model="digits") == 1
+    assert cancelled.by("convserve_dropped_requests_total", "reason") == {"cancelled": 1}
+    assert cancelled.total("convserve_dropped_requests_total", model="digits") == 1
+    assert expired.by("convserve_requests_total", "code") == {"DEADLINE_EXCEEDED": 1}
+    assert expired.total("convserve_requests_total", model="digits") == 1
+    assert expired.by("convserve_dropped_requests_total", "reason") == {"deadline": 1}
+    assert expired.total("convserve_dropped_requests_total", model="digits") == 1
+
+
+def until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    """Wait for ``condition`` (a server's reading), polling; fail after ``timeout`` seconds."""
+    give_up = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < give_up, "the server's metrics never showed it"
+        time.sleep(0.01)

@@ -12,7 +12,9 @@ refused before anything is decoded further, resized or run:
   activations of the largest pass it hands the runtime, ``rows x pixels x bytes per pixel``.
   The copies of a scale go to the runtime in passes of as many rows as fit in
   ``--dense-memory-bytes``, and no more than make :data:`PASS_PIXELS` when the copies are
-  larger; if one copy alone does not fit, the request is refused.
+  larger; if one copy alone does not fit, the request is refused. A row costs what
+  :func:`~service.engine.batch.dense_row_bytes` says, the estimate by which the twin's batcher
+  also keeps a batch that joins several requests' passes within ``--dense-memory-bytes``.
 
 Activations per pixel of a dense pass: ``--dense-bytes-per-pixel``, or
 :data:`~model_format.map_size.ESTIMATED_BYTES_PER_PIXEL`.
@@ -26,9 +28,10 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from model_format.map_size import ESTIMATED_BYTES_PER_PIXEL, map_bytes, twin_pass_bytes
+from model_format.map_size import ESTIMATED_BYTES_PER_PIXEL, map_bytes
 from service.classification.chunks import CHUNKS_IN_FLIGHT
 from service.core.errors import ResourceExhausted
+from service.engine.batch import dense_row_bytes
 
 if TYPE_CHECKING:
     from service.classification.plan import DenseLimits, DenseQuery, DenseTarget, ScalePass
@@ -132,8 +135,7 @@ def runtime_rows(
         pixels = math.prod(scale.size)
         fixed = _arrays(target, query, size, scale) + kept + ANSWER_COPIES * answer
         if query.mode == "dense":  # a row: a shifted copy, the batch's copy of it, the pass
-            copy = 4 * target.channels * pixels
-            per_row = copy + twin_pass_bytes(1, scale.size, target.channels, per_pixel)
+            per_row = dense_row_bytes((target.channels, *scale.size), per_pixel)
             fit = (limits.memory_bytes - fixed) // per_row
         else:
             per_row, fit = 0, copies if fixed <= limits.memory_bytes else 0

@@ -7,18 +7,27 @@ time, so the request neither fills the model's queue (turning other clients away
 for long: other clients' requests queue between its chunks. A chunk's rows can be built only
 when it is its turn (decoded, copied or cropped), so a request's inputs are never all in memory
 at once. The first chunk that fails cancels the rest.
+
+Such a request is one request to its client and in ``convserve_requests_total``, so it is one
+in ``convserve_dropped_requests_total`` too: its batchers count no drop of a chunk
+(:func:`~service.engine.batch.parts`), and :func:`held` counts the request's drop once when it
+ends cancelled, past its deadline or refused by a full queue, wherever it was then (decoding,
+between chunks, queued or computing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Iterator
 
 import numpy as np
 
 from service.core.types import InferenceRequest
-from service.engine.dataplane import DataPlane, Outcome
+from service.engine import metrics
+from service.engine.admission import drop_reason
+from service.engine.dataplane import DEADLINE_SLACK, DataPlane, Outcome
 from service.engine.repository import ServedModel
 
 __all__ = ["CHUNKS_IN_FLIGHT", "ChunkedInference", "held"]
@@ -30,17 +39,39 @@ CHUNKS_IN_FLIGHT = 4
 
 
 @contextlib.contextmanager
-def held(*models: ServedModel | None) -> Iterator[None]:
-    """Hold each model's batcher open for the block (see BatchQueue.held).
+def held(outcome: Outcome, deadline: float | None, *models: ServedModel | None) -> Iterator[None]:
+    """Hold each model's batcher open for the block (see BatchQueue.held), and count its drop.
 
     Every chunk of a request then runs on the versions it started on, even if a reload swaps
-    them out meanwhile.
+    them out meanwhile. A request that leaves the block cancelled (by its client, or by gRPC at
+    ``deadline``), past its deadline or refused a chunk's place in a full queue is counted once
+    in ``convserve_dropped_requests_total``, under the model ``outcome`` names, as its request
+    metrics are (see the module docstring).
     """
     with contextlib.ExitStack() as stack:
         for model in models:
             if model is not None:
                 stack.enter_context(model.batcher.held())
-        yield
+        try:
+            yield
+        except BaseException as exc:
+            reason = _drop(exc, deadline)
+            if reason is not None:
+                metrics.DROPPED.labels(outcome.model, reason).inc()
+            raise
+
+
+def _drop(exc: BaseException, deadline: float | None) -> str | None:
+    """The drop reason of a request that ended in :func:`held` with ``exc``, or None.
+
+    As the request metrics tell them apart: a cancellation at the deadline is gRPC's, an
+    expiry. ``draining`` is counted where the lookup refuses, before any request holds.
+    """
+    cancelled = isinstance(exc, asyncio.CancelledError)
+    if cancelled and deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK:
+        return "deadline"
+    reason = drop_reason(exc)
+    return None if reason == "draining" else reason
 
 
 class ChunkedInference:

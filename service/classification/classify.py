@@ -86,7 +86,7 @@ class Classify:
         self._check_count(model, len(inputs))
         step = model.max_batch_size or 1
         # Decoding, then possibly several chunks: all on this version.
-        with held(model):
+        with held(outcome, deadline, model):
             chunks = ChunkedInference(self._plane, deadline, outcome)
             opened = await self._inputs.open_all(model, inputs, step)
             if len(inputs) <= step:  # one batch, in place: a task costs loop turns

@@ -88,7 +88,7 @@ class ClassifyDense:
         query.check()
         classifier = self._lookup.classifier(ref, outcome)
         twin = self._lookup.dense_twin(classifier, outcome) if query.mode == "dense" else None
-        with held(classifier, twin):  # every scale and chunk on these versions
+        with held(outcome, deadline, classifier, twin):  # every scale and chunk on these versions
             target = DenseTarget.of(classifier, twin)
             # The size from the header (or the tensor): the plan refuses before any decoding.
             source = self._source(target, image, query)
@@ -145,8 +145,8 @@ class ClassifyDense:
                     big, dense.shifted_copies, scaled, geometry.stride, divisor, range(start, stop)
                 )
 
-            # One pass at a time: the batcher would join passes of one shape into a batch
-            # larger than the plan allows.
+            # One pass at a time: the plan counts the copies of one pass (the batcher keeps a
+            # batch that joins passes of several requests within the budget by itself).
             parts = await chunks.stream(target.twin, plan.copies, copies, rows, in_flight=1)
             maps = [copy for part in parts for copy in part]
             big = scaled.size * plan.copies > INLINE_ELEMENTS

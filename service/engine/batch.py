@@ -1,19 +1,44 @@
-"""One batch of the batcher: the requests it holds, stacking their inputs, failing them together."""
+"""One batch of the batcher: the requests it holds, stacking their inputs, failing them together.
+
+Also what bounds a batch besides ``max_batch_size``, and whose drops the batcher counts:
+
+* A dense twin's batch holds requests of one input shape, and its memory grows with their rows:
+  :class:`DenseRows` caps its rows so that the batch's peak memory, by the estimate a
+  ClassifyDense plan sizes its own passes with (:func:`dense_row_bytes`), stays within
+  ``--dense-memory-bytes``, whichever requests its rows come from.
+* A request submitted in parts (a Classify's chunks, a ClassifyDense's passes) is one request to
+  its client and in the request metrics: the batcher counts no drop of a part (:func:`parts`),
+  the request's owner counts its one drop when it ends.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
+import math
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from model_format.map_size import twin_pass_bytes
 from service.core.errors import ServingError
 
-__all__ = ["BatchObserver", "Pending", "RunBatch", "fail_batch", "stack_inputs"]
+__all__ = [
+    "BatchObserver",
+    "DenseRows",
+    "Pending",
+    "RunBatch",
+    "dense_row_bytes",
+    "fail_batch",
+    "in_parts",
+    "parts",
+    "stack_inputs",
+]
 
 # Failed batches are the batcher's to report: its logger names them in the server log.
 log = logging.getLogger("service.engine.batcher")
@@ -48,9 +73,32 @@ class BatchObserver(Protocol):
         """Images waiting at this moment."""
 
 
+_PARTS: contextvars.ContextVar[bool] = contextvars.ContextVar("parts", default=False)
+
+
+@contextlib.contextmanager
+def parts() -> Iterator[None]:
+    """Submissions in the block (and in tasks started there) are parts of one request.
+
+    The batcher counts no drop of a part (an expired, abandoned or refused chunk): the request's
+    owner counts the request's drop once, where it ends, so that a request of many chunks counts
+    once, neither once per chunk dropped from a queue nor never when it ends between chunks.
+    """
+    token = _PARTS.set(True)
+    try:
+        yield
+    finally:
+        _PARTS.reset(token)
+
+
+def in_parts() -> bool:
+    """Whether this context submits parts of one request (see :func:`parts`)."""
+    return _PARTS.get()
+
+
 @dataclass(eq=False)
 class Pending:
-    """One request waiting for its rows."""
+    """One request waiting for its rows; ``part``: of a larger request (see :func:`parts`)."""
 
     inputs: Mapping[str, np.ndarray]
     count: int
@@ -58,6 +106,39 @@ class Pending:
     deadline: float | None
     future: asyncio.Future[list[np.ndarray]]
     enqueued: float = field(default_factory=time.monotonic)
+    part: bool = field(default_factory=in_parts)
+
+
+def dense_row_bytes(shape: Sequence[int], bytes_per_pixel: int = 0) -> int:
+    """Peak memory of one row ``[C, *size]`` of a dense twin's pass, in bytes.
+
+    The row's float32 input, its copy in the stacked batch, and the network's activations
+    (:func:`~model_format.map_size.twin_pass_bytes`; ``bytes_per_pixel`` 0: the estimate).
+    """
+    channels, *size = shape
+    return 4 * channels * math.prod(size) + twin_pass_bytes(1, size, channels, bytes_per_pixel)
+
+
+class DenseRows:
+    """The most rows of one input shape a dense twin's batch takes within ``memory_bytes``.
+
+    Called with a batch's shape key (every input's shape past the batch axis); at least 1, so
+    that a request whose own rows are over the budget still runs alone.
+
+    Args:
+        memory_bytes: ``--dense-memory-bytes``.
+        bytes_per_pixel: ``--dense-bytes-per-pixel`` (0: the estimate).
+    """
+
+    def __init__(self, memory_bytes: int, bytes_per_pixel: int = 0) -> None:
+        self.memory_bytes = memory_bytes
+        self.bytes_per_pixel = bytes_per_pixel
+
+    def __call__(self, key: Hashable) -> int:
+        """The most rows of a batch of shape ``key``."""
+        assert isinstance(key, tuple)  # the validation's key: a shape per input
+        row = sum(dense_row_bytes(shape, self.bytes_per_pixel) for shape in key)
+        return max(1, self.memory_bytes // max(row, 1))
 
 
 def stack_inputs(batch: list[Pending]) -> tuple[dict[str, np.ndarray], int, float]:

@@ -20,9 +20,11 @@ Contract:
   many clients does not make a few wait it out (they would, every batch, with a fixed window).
   These decisions are :class:`~service.engine.window.WindowPolicy`'s, which holds the constants.
 * A batch holds requests of one shape key only (dense images of different sizes never share a
-  batch) and at most ``max_batch_size`` images, cut at the largest preferred size that fits.
+  batch) and at most ``max_batch_size`` images, cut at the largest preferred size that fits, and
+  at most ``batch_rows(key)`` where given (a dense twin's memory: :class:`~.batch.DenseRows`).
 * Requests whose deadline has passed or whose caller has gone are dropped before they cost
-  compute. An error in a batch reaches every request in it; the next batch runs normally.
+  compute, and counted, but for the parts of a :meth:`held` request (:func:`~.batch.parts`).
+  An error in a batch reaches every request in it; the next batch runs normally.
 * ``close`` lets work already holding the batcher (:meth:`BatchQueue.held`: a request that
   submits several times, such as a Classify of more images than one batch takes, with its
   decoding in between) finish before it refuses new submissions, so a reload or an unload that
@@ -42,14 +44,22 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 
 import numpy as np
 
 from service.core.errors import DeadlineExceeded, ServingError, Unavailable
 from service.engine.admission import Door, QueueFull, admitted, arrived
-from service.engine.batch import BatchObserver, Pending, RunBatch, fail_batch, stack_inputs
+from service.engine.batch import (
+    BatchObserver,
+    Pending,
+    RunBatch,
+    fail_batch,
+    in_parts,
+    parts,
+    stack_inputs,
+)
 from service.engine.model_config import BatchingPolicy
 from service.engine.window import WindowPolicy
 
@@ -66,6 +76,8 @@ class BatchQueue:
             plane's; the batcher honours each request's own deadline).
         observer: told about batches, queue waits, drops and queue depth.
         inline_below_seconds: batches typically computing faster than this run on the loop.
+        batch_rows: the most images a batch of a shape key may hold besides ``max_batch_size``
+            (a dense twin's: :class:`~service.engine.batch.DenseRows`); None: no other bound.
     """
 
     def __init__(
@@ -76,8 +88,10 @@ class BatchQueue:
         *,
         observer: BatchObserver | None = None,
         inline_below_seconds: float = 0.0,
+        batch_rows: Callable[[Hashable], int] | None = None,
     ) -> None:
         self._run = run
+        self._batch_rows = batch_rows
         self._inline_below = inline_below_seconds
         self._typical: float | None = None  # moving average of a batch's compute time
         self._executors = list(executors)
@@ -128,7 +142,8 @@ class BatchQueue:
             raise Unavailable("the model version is being unloaded; retry")
         arrived()  # the request's own places at the doors are not others waiting
         if (waiting := self._door.waiting()) is not None:
-            self._refused()
+            if not in_parts():  # a part's refusal is its request's, counted by its owner
+                self._refused()
             raise QueueFull(waiting, self._door.bound)
         future: asyncio.Future[list[np.ndarray]] = asyncio.get_running_loop().create_future()
         pending = Pending(inputs, count, key, deadline, future)
@@ -174,6 +189,7 @@ class BatchQueue:
         Taken by a request right after it looked the model up (nothing awaited in between), so
         :meth:`close` lets all of its parts run, however late they come. The request takes a
         place at the door (:mod:`service.engine.admission`) until its first part is submitted.
+        Its parts' drops are its own to count (:func:`~service.engine.batch.parts`).
 
         Raises:
             QueueFull: the requests waiting here and on their way here fill the queue bound.
@@ -185,7 +201,7 @@ class BatchQueue:
             raise
         self._holders += 1
         try:
-            with admitted(admission):
+            with admitted(admission), parts():
                 yield
         finally:
             self._holders -= 1
@@ -253,16 +269,17 @@ class BatchQueue:
         return False
 
     def _usable(self, pending: Pending, now: float) -> bool:
+        observer = None if pending.part else self._observer  # a part's drop is its owner's
         if pending.future.done():  # the caller went away, or its own timeout ended it
-            if self._observer:
-                self._observer.dropped("cancelled" if pending.future.cancelled() else "deadline")
+            if observer:
+                observer.dropped("cancelled" if pending.future.cancelled() else "deadline")
             return False
         if pending.deadline is not None and pending.deadline <= now:
             pending.future.set_exception(
                 DeadlineExceeded("deadline passed while the request waited in the queue")
             )
-            if self._observer:
-                self._observer.dropped("deadline")
+            if observer:
+                observer.dropped("deadline")
             return False
         return True
 
@@ -284,13 +301,15 @@ class BatchQueue:
                 continue
             if not batch:
                 key = pending.key
+                if self._batch_rows is not None:
+                    limit = min(limit, self._batch_rows(key))
             # The head always goes, even above a preferred cut (a request of 9 with preferred
-            # sizes 8 and 16 and 9 images queued): else it would wait forever.
+            # sizes 8 and 16 and 9 images queued) or its key's rows: else it would wait forever.
             if pending.key == key and (not batch or images + pending.count <= limit):
                 batch.append(pending)
                 images += pending.count
                 self._images -= pending.count
-                if images == limit:
+                if images >= limit:
                     break
             else:
                 kept.append(pending)

@@ -20,6 +20,7 @@ import numpy as np
 from model_format import DENSE_FILE, MODEL_FILE, ModelInfo, read_model_info
 from service.core.settings import Settings
 from service.engine import metrics
+from service.engine.batch import DenseRows
 from service.engine.batcher import BatchQueue
 from service.engine.model_config import ModelConfig
 from service.engine.runtime import DeviceChoice, Runtime, TensorSpec
@@ -250,12 +251,16 @@ class ModelLoader:
         # whatever config.json asks for.
         policy = dataclasses.replace(config.batching, max_batch_size=built.max_batch_size)
         stats = ModelStats(built.name, str(built.version))
+        # A dense twin's batch of several requests' passes stays within one request's budget.
+        settings = self._settings
+        rows = DenseRows(settings.dense_memory_bytes, settings.dense_bytes_per_pixel)
         batcher = BatchQueue(
             built.runtime.run,
             built.runtime.executors,
             policy,
             observer=stats,
             inline_below_seconds=self._inline_below(built),
+            batch_rows=rows if built.dense else None,
         )
         return ServedModel(
             built.name,
