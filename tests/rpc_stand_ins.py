@@ -71,7 +71,7 @@ def requests(code: str, model: str = "_unknown") -> float:
     version = "" if model == "_unknown" else "1"
     return sample(
         "convserve_requests_total",
-        {"model": model, "version": version, "api": "kserve", "code": code},
+        {"model": model, "version": version, "api": "kserve", "code": code, "protocol": "grpc"},
     )
 
 

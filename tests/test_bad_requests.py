@@ -1,7 +1,8 @@
 """Bad requests get a clear status and message, and never hurt the next request.
 
 Names, versions, parameters, requested outputs, unparsable messages and log lines; the tensors
-themselves are test_bad_input.py's.
+themselves are test_bad_input.py's. The cases shared with the REST port are in
+tests/bad_inference_cases.py.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
+from tests.bad_inference_cases import REQUEST_CASES, Case
 from tests.limited_server import assert_status, kserve_stub, limited_server, request
 
 
@@ -26,23 +28,9 @@ def stub(server):
         yield client
 
 
-def test_a_version_longer_than_any_number_is_not_found(stub) -> None:
-    message = request()
-    message.model_version = "9" * 5000  # int() refuses more than 4300 digits
-    assert_status(stub, message, grpc.StatusCode.NOT_FOUND, r"model 'digits' version '9999")
-
-
-def test_a_message_quoting_a_huge_value_is_cut_so_the_client_still_gets_it(stub) -> None:
-    # Whole, the message would pass gRPC's 16 KiB header limit: the client would be told
-    # RESOURCE_EXHAUSTED about metadata instead of why its request was refused.
-    message = request()
-    message.outputs.add(name="x" * 100_000)
-    assert_status(
-        stub,
-        message,
-        grpc.StatusCode.INVALID_ARGUMENT,
-        r"^output 'x{1000,}\.\.\. \(\d+ more characters\)$",
-    )
+@pytest.mark.parametrize("case", REQUEST_CASES, ids=lambda case: case.name)
+def test_bad_requests(stub, case: Case) -> None:
+    assert_status(stub, case.build(), case.code, case.pattern)
 
 
 def test_oversized_message(stub) -> None:
@@ -53,80 +41,6 @@ def test_oversized_message(stub) -> None:
         request(model="digits_dense", shape=shape, data=data),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         r"(?i)received message larger than max",
-    )
-
-
-def test_dense_input_smaller_than_window(stub) -> None:
-    shape = (1, 1, 6, 20)
-    assert_status(
-        stub,
-        request(model="digits_dense", shape=shape, data=np.zeros(shape, np.float32).tobytes()),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        r"spatial size \[6, 20\] is smaller than the model's window \[8, 8\]",
-    )
-
-
-def test_bad_timeout_parameter(stub) -> None:
-    message = request()
-    message.parameters["timeout"].string_param = "soon"
-    assert_status(
-        stub,
-        message,
-        grpc.StatusCode.INVALID_ARGUMENT,
-        r"parameter 'timeout' must be a non-negative integer",
-    )
-
-
-def test_unknown_requested_output(stub) -> None:
-    message = request()
-    message.outputs.add(name="probabilities")
-    assert_status(
-        stub,
-        message,
-        grpc.StatusCode.INVALID_ARGUMENT,
-        r"output 'probabilities' is unknown; model 'digits' has outputs \['logits'\]",
-    )
-
-
-@pytest.mark.parametrize(
-    "version", ["latest", "\u00b2", "\u0661"]
-)  # "²" and Arabic-Indic one are isdigit()
-def test_non_numeric_version(stub, version: str) -> None:
-    message = request()
-    message.model_version = version
-    assert_status(
-        stub,
-        message,
-        grpc.StatusCode.INVALID_ARGUMENT,
-        f"model version must be a positive integer, got '{version}'",
-    )
-
-
-def test_an_output_requested_twice(stub) -> None:
-    message = request()
-    message.outputs.add(name="logits")
-    message.outputs.add(name="logits")
-    assert_status(
-        stub, message, grpc.StatusCode.INVALID_ARGUMENT, r"output 'logits' is requested twice"
-    )
-
-
-@pytest.mark.parametrize("tensor", ["input", "output"])
-def test_shared_memory_regions_are_refused_by_name(stub, tensor: str) -> None:
-    message = request()
-    if tensor == "input":  # Triton's clients send no contents for a tensor in shared memory
-        del message.raw_input_contents[:]
-        target = message.inputs[0]
-    else:
-        target = message.outputs.add(name="logits")
-    target.parameters["shared_memory_region"].string_param = "region0"
-    target.parameters["shared_memory_byte_size"].int64_param = 256
-    assert_status(
-        stub,
-        message,
-        grpc.StatusCode.INVALID_ARGUMENT,
-        f"{tensor} '(input|logits)' names a shared memory region; .*the shared memory "
-        "extensions are not served",
     )
 
 

@@ -130,7 +130,8 @@ def test_a_name_outside_the_repository_is_not_found(
 
 def serve_until_exit(root: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "service", "serve", "--model-repository", str(root)]
-    command += ["--grpc-port", "0", "--metrics-port", "0", "--host", "127.0.0.1", *flags]
+    command += ["--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
+    command += ["--host", "127.0.0.1", *flags]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
 

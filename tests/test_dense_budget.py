@@ -69,7 +69,7 @@ def test_the_audits_fp32_map_is_refused_with_the_ways_out_and_fits_in_top_k_form
 
 
 def test_the_answer_bound_holds_for_a_real_answer_of_every_format(rng) -> None:
-    from service.wire.classifier_servicer import _dense_response
+    from service.wire.classifier_servicer import dense_response
 
     size, classes = (61, 47), 10
     for query in (
@@ -97,7 +97,7 @@ def test_the_answer_bound_holds_for_a_real_answer_of_every_format(rng) -> None:
             top_classes,
             classes,
         )
-        assert _dense_response(result, query).ByteSize() <= built.answer_bytes
+        assert dense_response(result, query).ByteSize() <= built.answer_bytes
 
 
 def dense_label(index: int, axes: int):

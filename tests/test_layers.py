@@ -61,6 +61,8 @@ FORBIDDEN_OUTSIDE: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("service.engine.runtime", "export"),
     "torch": ("export",),
     "torchvision": ("export",),
+    # the HTTP server lives in the wire's REST package; the tools may use its client
+    "aiohttp": ("service.wire.http", "service.tools"),
 }
 GRPC_FREE = ("model_format", "service.core.types", "service.engine", "service.classification")
 

@@ -313,6 +313,8 @@ def serve_until_exit(repository: Path) -> subprocess.CompletedProcess[str]:
             str(repository),
             "--grpc-port",
             "0",
+            "--http-port",
+            "0",
             "--metrics-port",
             "0",
             "--host",

@@ -48,6 +48,7 @@ async def test_a_load_past_the_timeout_is_abandoned_and_reported(
         model_repository=tmp_path,
         host="127.0.0.1",
         grpc_port=free_port(),
+        http_port=0,
         model_control_mode="explicit",
         load_model=("*",),
         model_load_timeout_seconds=1.0,

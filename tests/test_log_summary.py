@@ -104,14 +104,14 @@ async def test_served_refusals_are_summed_up_and_other_failures_logged_each(
     caplog.clear()
     before = requests("RESOURCE_EXHAUSTED")
     servicer.error = QueueFull(16, 16)
-    with caplog.at_level(logging.INFO, logger="service.wire.rpc"):
+    with caplog.at_level(logging.INFO, logger="service.wire.accounting"):
         codes = await _refused(address, 30)
         assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 30
         assert requests("RESOURCE_EXHAUSTED") == before + 30  # counted, every one
         servicer.error = InvalidArgument("input 'x' is not an input of the model")
         assert await _refused(address, 2) == [grpc.StatusCode.INVALID_ARGUMENT] * 2
         REFUSALS.flush()  # what the timer does a few seconds later
-    lines = [r for r in caplog.records if r.name == "service.wire.rpc"]
+    lines = [r for r in caplog.records if r.name == "service.wire.accounting"]
     refused = [r.getMessage() for r in lines if r.getMessage().startswith("refused")]
     assert [re.sub(r"last [0-9.]+ s", "last T s", line) for line in refused] == [
         "refused 30 requests in the last T s: queue_full 30"

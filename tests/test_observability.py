@@ -117,44 +117,20 @@ def test_exact_metric_deltas(server: ServerProcess) -> None:
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    ok = {"model": "digits", "version": "1", "api": "kserve", "code": "OK"}
-    assert delta("convserve_requests_total", **ok) == 3
-    assert (
-        delta(
-            "convserve_requests_total",
-            model="digits",
-            version="1",
-            api="kserve",
-            code="INVALID_ARGUMENT",
-        )
-        == 2  # the bad shape, and the undecodable request
-    )
-    assert (
-        delta(
-            "convserve_requests_total", model="_unknown", version="", api="kserve", code="NOT_FOUND"
-        )
-        == 1
-    )
-    assert (
-        delta(
-            "convserve_requests_total",
-            model="slow",
-            version="1",
-            api="kserve",
-            code="DEADLINE_EXCEEDED",
-        )
-        == 1
-    )
-    assert (
-        delta("convserve_requests_total", model="digits", version="1", api="classify", code="OK")
-        == 1
-    )
-    assert (
-        delta("convserve_requests_total", model="digits_dense", version="1", api="dense", code="OK")
-        == 1
-    )
-    assert delta("convserve_request_duration_seconds_count", model="digits", api="kserve") == 5
-    assert delta("convserve_request_duration_seconds_count", model="_unknown", api="kserve") == 1
+    def requests(model: str, version: str, api: str, code: str) -> float:
+        labels = {"model": model, "version": version, "api": api, "code": code}
+        return delta("convserve_requests_total", **labels, protocol="grpc")
+
+    assert requests("digits", "1", "kserve", "OK") == 3
+    # the bad shape, and the undecodable request
+    assert requests("digits", "1", "kserve", "INVALID_ARGUMENT") == 2
+    assert requests("_unknown", "", "kserve", "NOT_FOUND") == 1
+    assert requests("slow", "1", "kserve", "DEADLINE_EXCEEDED") == 1
+    assert requests("digits", "1", "classify", "OK") == 1
+    assert requests("digits_dense", "1", "dense", "OK") == 1
+    duration = "convserve_request_duration_seconds_count"
+    assert delta(duration, model="digits", api="kserve", protocol="grpc") == 5
+    assert delta(duration, model="_unknown", api="kserve", protocol="grpc") == 1
     assert delta("convserve_inferences_total", model="digits") == 7  # 1 + 2 + 3 + classify
     assert delta("convserve_batches_total", model="digits") == 4
     assert delta("convserve_batch_size_count", model="digits") == 4

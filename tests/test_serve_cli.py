@@ -117,7 +117,8 @@ def test_metrics_endpoint_counts_requests() -> None:
         client.infer("digits", [tensor])
         text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
         assert (
-            'convserve_requests_total{api="kserve",code="OK",model="digits",version="1"} 1.0'
+            'convserve_requests_total{api="kserve",code="OK",model="digits",protocol="grpc",'
+            'version="1"} 1.0'
         ) in text
         assert 'convserve_inferences_total{model="digits"} 2.0' in text
         assert (
@@ -159,7 +160,7 @@ def test_stream_infer() -> None:
         for code, count in (("OK", 305), ("INVALID_ARGUMENT", 1)):
             assert (
                 f'convserve_requests_total{{api="kserve",code="{code}",model="digits",'
-                f'version="1"}} {count}.0'
+                f'protocol="grpc",version="1"}} {count}.0'
             ) in text, text
 
 

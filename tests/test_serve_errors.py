@@ -21,7 +21,17 @@ def taken_port() -> Iterator[int]:
 
 def serve(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", *args],
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=60,

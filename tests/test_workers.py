@@ -95,7 +95,7 @@ def test_requests_spread_over_workers_and_metrics_add_up(workers: ServerProcess)
     session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(5)
     before = scrape(workers.metrics_url)
-    ok = "convserve_requests_total{api=kserve,code=OK,model=digits,version=1}"
+    ok = "convserve_requests_total{api=kserve,code=OK,model=digits,protocol=grpc,version=1}"
     clients = [own_connection(workers.grpc_address) for _ in range(CONNECTIONS)]
     sent = 0
     for i, client in enumerate(clients):
@@ -247,7 +247,7 @@ def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None
     (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"not onnx at all")
     command = [sys.executable, "-m", "service", "serve", "--workers", "2"]
     command += ["--model-repository", str(tmp_path), "--grpc-port", "0", "--metrics-port", "0"]
-    command += ["--host", "127.0.0.1"]
+    command += ["--http-port", "0", "--host", "127.0.0.1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1, result.stderr
     assert "model 'broken' failed to load: " in result.stderr

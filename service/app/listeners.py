@@ -1,13 +1,15 @@
-"""What the server listens on: the gRPC port, a worker's own socket, the probes' health port.
+"""What the server listens on: the gRPC and HTTP ports, a worker's own socket, the health port.
 
-The gRPC port's options, TLS credentials (re-read when rotated) and reflection; the log line
-that says how it is protected.
+The gRPC port's options, TLS credentials (re-read when rotated) and reflection; the HTTP port's
+socket and TLS (the gRPC port's files); the log lines that say how each is protected.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import socket
+import ssl
 import tempfile
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service._generated.convserve.v1 import classifier_pb2 as classifier_pb
 from service._generated.inference import grpc_service_pb2 as kserve_pb
-from service.app.tls import CertificateFiles, server_credentials
+from service.app.tls import CertificateFiles, http_ssl_context, server_credentials
 from service.app.workers import WorkerRole
 from service.core.ports import busy_port_message, port_is_free
 from service.core.settings import Settings
@@ -31,6 +33,9 @@ __all__ = [
     "enable_reflection",
     "forget_socket",
     "grpc_options",
+    "http_security",
+    "http_socket",
+    "http_tls",
     "listen",
     "own_socket",
     "reflection_pool",
@@ -95,16 +100,63 @@ def security(settings: Settings) -> str:
     return f" ({'; '.join(shown)})" if shown else ""
 
 
-def credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials for the gRPC port (None: plaintext), re-reading rotated certificates."""
-    if not settings.tls:
-        return None
-    files = CertificateFiles(
+def http_security(settings: Settings) -> str:
+    """How the HTTP port is protected, for its "listening" log line."""
+    parts = ["mutual TLS" if settings.grpc_use_ssl_mutual else "TLS" if settings.tls else ""]
+    parts += [f"restricted: {', '.join(sorted(r.groups))}" for r in settings.http_restrictions]
+    shown = [p for p in parts if p]
+    return f" ({'; '.join(shown)})" if shown else ""
+
+
+def _certificate_files(settings: Settings) -> CertificateFiles:
+    return CertificateFiles(
         Path(settings.grpc_server_cert),
         Path(settings.grpc_server_key),
         Path(settings.grpc_root_cert) if settings.grpc_use_ssl_mutual else None,
     )
-    return server_credentials(files, mutual=settings.grpc_use_ssl_mutual)
+
+
+def credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials for the gRPC port (None: plaintext), re-reading rotated certificates."""
+    if not settings.tls:
+        return None
+    return server_credentials(_certificate_files(settings), mutual=settings.grpc_use_ssl_mutual)
+
+
+def http_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The HTTP port's TLS: the gRPC port's files and mode (None: plaintext, as gRPC is).
+
+    Raises:
+        TlsError: a certificate file cannot be read.
+    """
+    if not settings.tls:
+        return None
+    return http_ssl_context(_certificate_files(settings), mutual=settings.grpc_use_ssl_mutual)
+
+
+def http_socket(settings: Settings, role: WorkerRole | None) -> socket.socket | None:
+    """The HTTP port's socket, bound and not yet listening; None (logged) when it cannot bind.
+
+    A worker's is shared with its siblings (``SO_REUSEPORT``; the supervisor reserved the port);
+    a lone server's must be its own.
+    """
+    host, port = settings.host, settings.http_port
+    if role is None and not port_is_free(host, port):
+        log.error(busy_port_message("HTTP", host, port, "http_port"))
+        return None
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if role is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        log.error("cannot listen on %s:%d (--http-port): %s", host, port, exc.strerror)
+        return None
+    sock.setblocking(False)
+    return sock
 
 
 def own_socket(role: WorkerRole | None) -> Path:

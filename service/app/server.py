@@ -1,13 +1,15 @@
 """The composition root: builds every part, listens, loads models, drains on SIGTERM.
 
-Order of life, the phases of :class:`~service.engine.lifecycle.Lifecycle`: the gRPC port opens
-first (liveness answers, health is NOT_SERVING), then the models that ``--model-control-mode``
-loads at the start load and warm up, then the server is serving (health SERVING; a worker tells
-its supervisor through its ready file; in poll mode the repository is watched from then on). On
-SIGTERM or SIGINT it drains (:func:`_drain`): readiness turns NOT_SERVING, new calls get
-UNAVAILABLE at the door, streams answer what they have read and end with UNAVAILABLE, and the
-server stops as soon as every call taken before the drain has finished (within the drain grace),
-exiting 0. A model call still running in the runtime after the drain (a wedged one) cannot be
+Order of life, the phases of :class:`~service.engine.lifecycle.Lifecycle`: the gRPC and HTTP
+ports open first (liveness answers, health is NOT_SERVING), then the models that
+``--model-control-mode`` loads at the start load and warm up, then the server is serving (health
+SERVING; a worker tells its supervisor through its ready file; in poll mode the repository is
+watched from then on). On SIGTERM or SIGINT it drains (:func:`_drain`): readiness turns
+NOT_SERVING, new calls get UNAVAILABLE at the door (new REST inferences 503), streams answer what
+they have read and end with UNAVAILABLE, and the server stops as soon as every call taken before
+the drain has finished (within the drain grace), exiting 0. The HTTP port
+(:mod:`service.wire.http`) runs on the same loop, data plane and door, and closes with the gRPC
+port. A model call still running in the runtime after the drain (a wedged one) cannot be
 stopped: the process then exits 1 without it instead of waiting for it forever.
 """
 
@@ -32,6 +34,9 @@ from service.app.listeners import (
     enable_reflection,
     forget_socket,
     grpc_options,
+    http_security,
+    http_socket,
+    http_tls,
     listen,
     own_socket,
     security,
@@ -56,6 +61,9 @@ from service.engine.runtime import (
 from service.wire.classifier_servicer import ClassifierServicer
 from service.wire.drain_markers import KINDS, send_markers
 from service.wire.health import Health
+from service.wire.http.app import HttpServer, RouteSet, build_application
+from service.wire.http.classification import add_classification_routes
+from service.wire.http.routes import HttpParts
 from service.wire.kserve_servicer import KServeServicer
 from service.wire.restrictions import RestrictionInterceptor
 from service.wire.rpc import register
@@ -122,6 +130,32 @@ class _Parts:
     socket: Path  # where the server listens for itself (drain markers) and its siblings
     probes: grpc.aio.Server | None = None  # the plaintext health port, when there is one
     poller: RepositoryPoller | None = None  # poll mode, in the process that polls
+    http: HttpServer | None = None  # KServe v2 over HTTP/REST, unless --allow-http=false
+
+    async def stop_ports(self, grace: float) -> None:
+        """Stop the gRPC and HTTP ports (the gRPC calls still running get ``grace`` seconds)."""
+        await self.server.stop(grace)
+        if self.http is not None:
+            await self.http.stop()
+
+
+def _http(
+    settings: Settings, plane: DataPlane, siblings: Siblings | None, classification: Classification
+) -> HttpServer | None:
+    """The REST front door on the same data plane, or None with ``--allow-http=false``."""
+    if not settings.allow_http:
+        return None
+    parts = HttpParts(
+        plane,
+        ModelControl.from_settings(settings),
+        siblings,
+        settings.max_tensor_elements,
+        settings.max_message_bytes,
+        settings.http_restrictions,
+    )
+    # REST routes beyond KServe v2's (see wire/http/app.py)
+    route_sets: list[RouteSet] = [lambda routes: add_classification_routes(routes, classification)]
+    return HttpServer(build_application(parts, route_sets), _CLOSING_SECONDS)
 
 
 def _build(settings: Settings, role: WorkerRole | None) -> _Parts:
@@ -147,9 +181,8 @@ def _build(settings: Settings, role: WorkerRole | None) -> _Parts:
         plane, settings.max_tensor_elements, siblings, ModelControl.from_settings(settings)
     )
     decoders = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="decode")
-    classifier = ClassifierServicer(
-        Classification(plane, settings, decoders), settings.max_tensor_elements
-    )
+    classification = Classification(plane, settings, decoders)
+    classifier = ClassifierServicer(classification, settings.max_tensor_elements)
     interceptors = [RestrictionInterceptor(settings.restrictions)] if headers else []
     server = grpc.aio.server(options=grpc_options(settings, role), interceptors=interceptors)
     register(kserve_grpc.add_GRPCInferenceServiceServicer_to_server, kserve, server)
@@ -158,16 +191,19 @@ def _build(settings: Settings, role: WorkerRole | None) -> _Parts:
     if settings.reflection:
         enable_reflection(server)
     pools = (executor, decoders)
-    return _Parts(
+    parts = _Parts(
         settings, role, repository, lifecycle, health, siblings, server, pools, own_socket(role)
     )
+    parts.http = _http(settings, plane, siblings, classification)
+    return parts
 
 
 async def _open_ports(parts: _Parts) -> bool:
-    """Start the gRPC port and the probes' health port; False (logged) when one cannot open."""
+    """Start the gRPC, HTTP and probes' health ports; False (logged) when one cannot open."""
     settings = parts.settings
     try:
         port = listen(parts.server, settings, parts.role, parts.socket)
+        tls = http_tls(settings) if parts.http is not None else None
     except TlsError as exc:
         log.error("cannot serve TLS: %s", exc)
         return False
@@ -176,9 +212,16 @@ async def _open_ports(parts: _Parts) -> bool:
     await parts.lifecycle.listen(parts.health.update)  # "" NOT_SERVING until models load
     await parts.server.start()
     log.info("grpc listening on %s:%d%s", settings.host, port, security(settings))
+    if parts.http is not None:
+        sock = http_socket(settings, parts.role)
+        if sock is None:
+            await parts.server.stop(0)
+            return False
+        http_port = await parts.http.start(sock, tls)
+        log.info("http listening on %s:%d%s", settings.host, http_port, http_security(settings))
     parts.probes = await start_health_port(settings, parts.health, parts.role)
     if settings.health_port >= 0 and parts.probes is None:
-        await parts.server.stop(0)
+        await parts.stop_ports(0)
         return False
     return True
 
@@ -195,11 +238,11 @@ async def _load(parts: _Parts) -> int:
             await poller.baseline()  # before the load reads the files
         failed = await _load_models(parts)
     except BaseException:
-        await parts.server.stop(0)
+        await parts.stop_ports(0)
         raise
     if failed and parts.settings.exit_on_error:
         log.error("models failed to load: %s; shutting down", ", ".join(failed))
-        await parts.server.stop(0)
+        await parts.stop_ports(0)
         parts.pools[0].shutdown(wait=False, cancel_futures=True)
         return 1
     if failed:
@@ -264,7 +307,7 @@ async def _drain(parts: _Parts) -> bool:
         await lifecycle.quiet(_QUIET_SECONDS, min(_CLOSING_SECONDS, left()))
     else:
         log.warning("the drain grace ended; cancelling %d calls", lifecycle.in_flight)
-    await parts.server.stop(min(_CLOSING_SECONDS, left()) if finished else 0)
+    await parts.stop_ports(min(_CLOSING_SECONDS, left()) if finished else 0)
     forget_socket(parts.socket, parts.role)
     if parts.probes is not None:
         await parts.probes.stop(0)

@@ -5,6 +5,10 @@ replaced while the pod runs. gRPC asks :meth:`CertificateFiles.fetch` before eve
 connection's handshake; it compares the files' identity (inode, size, modification time) with
 what it last read and re-reads them only when one changed, so the next connection gets the new
 certificate while connections in flight keep theirs.
+
+The HTTP port serves the same files through Python's ``ssl`` (:func:`http_ssl_context`): the
+same comparison runs at each new connection's handshake, and a changed pair is served from that
+connection on.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-__all__ = ["CertificateFiles", "TlsError", "server_credentials"]
+__all__ = ["CertificateFiles", "TlsError", "http_ssl_context", "server_credentials"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,8 @@ class CertificateFiles:
 
     def __init__(self, cert: Path, key: Path, root: Path | None) -> None:
         self._paths = tuple(p for p in (cert, key, root) if p is not None)
+        self.paths = self._paths
+        """The certificate, the key and (mutual TLS) the root CA bundle."""
         self._lock = threading.Lock()
         self._seen = self._identities()
         self._config = self._read()
@@ -129,3 +135,58 @@ def server_credentials(files: CertificateFiles, mutual: bool) -> grpc.ServerCred
     return grpc.dynamic_ssl_server_credentials(
         files.initial, files.fetch, require_client_authentication=mutual
     )
+
+
+class _SslFiles:
+    """The HTTP port's TLS context, switched to freshly read files when they change."""
+
+    def __init__(self, paths: tuple[Path, ...], mutual: bool) -> None:
+        self._paths = paths
+        self._mutual = mutual
+        self._seen = self._identities()
+        self._current = self.context = self._read()
+        self.context.sni_callback = self._handshake
+
+    def _identities(self) -> tuple[_Identity, ...]:
+        try:
+            stats = [os.stat(p) for p in self._paths]
+        except OSError as exc:
+            raise TlsError(f"cannot read '{exc.filename}': {exc.strerror}") from exc
+        return tuple(_Identity(s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+    def _read(self) -> ssl.SSLContext:
+        cert, key, *root = self._paths
+        _check_pair(cert, key)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(cert, key, password=lambda: b"")
+        if self._mutual:
+            try:
+                context.load_verify_locations(root[0])
+            except (OSError, ssl.SSLError) as exc:
+                raise TlsError(f"cannot use '{root[0]}' as a CA bundle: {exc}") from exc
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def _handshake(self, connection: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        """Before each handshake: serve the files as they are now (read again if changed)."""
+        try:
+            now = self._identities()
+            if now != self._seen:
+                fresh = self._read()
+                if self._identities() == now:  # not written to while read
+                    self._seen, self._current = now, fresh
+                    log.info("TLS certificate files changed; new HTTP connections get them")
+        except TlsError as exc:
+            log.warning("TLS files changed but cannot be used yet: %s", exc)
+        if self._current is not self.context:
+            connection.context = self._current
+
+
+def http_ssl_context(files: CertificateFiles, mutual: bool) -> ssl.SSLContext:
+    """A TLS context for the HTTP port serving ``files``, picking up their rotation.
+
+    Raises:
+        TlsError: a file cannot be read or the key is not the certificate's.
+    """
+    return _SslFiles(files.paths, mutual).context

@@ -5,7 +5,8 @@ throughput grows only with processes. The supervisor (this module, the process t
 started) starts N ordinary ``convserve serve`` processes that each bind the gRPC port with
 ``SO_REUSEPORT``; the kernel spreads incoming connections (not requests) over them. It:
 
-* reserves the port when ``--grpc-port 0`` asks for a free one (a bound, non-listening socket);
+* reserves the port when ``--grpc-port 0`` asks for a free one (a bound, non-listening socket),
+  and the HTTP and health ports alike, which the workers share the same way;
 * hands every worker the same settings through the environment, plus its index and a file to
   create once it is ready; the cores are split over the workers' ONNX Runtime threads;
 * serves ``/metrics`` itself: prometheus_client's multiprocess mode, every worker writing to one
@@ -236,6 +237,20 @@ def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
     return reserved, int(reserved.getsockname()[1])
 
 
+def _reserve_another(host: str, port: int, held: list[socket.socket]) -> int:
+    """Reserve one more port (see :func:`_reserve_port`), kept in ``held``; the port.
+
+    Raises:
+        OSError: naming the address that cannot be reserved.
+    """
+    try:
+        reserved, chosen = _reserve_port(host, port)
+    except OSError as exc:
+        raise OSError(f"{host}:{port}: {exc}") from exc
+    held.append(reserved)
+    return chosen
+
+
 def supervise(settings: Settings) -> int:
     """Run ``settings.workers`` server processes on one port until SIGTERM/SIGINT."""
     if not settings.model_repository.is_dir():
@@ -246,15 +261,21 @@ def supervise(settings: Settings) -> int:
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", settings.host, settings.grpc_port, exc)
         return 2
-    health_reserved = None
-    if settings.health_port >= 0:  # the probes' plaintext port, shared by the workers alike
-        try:
-            health_reserved, health_port = _reserve_port(settings.host, settings.health_port)
-        except OSError as exc:
-            log.error("cannot listen on %s:%d: %s", settings.host, settings.health_port, exc)
-            reserved.close()
-            return 2
-        settings = dataclasses.replace(settings, health_port=health_port)
+    others: list[socket.socket] = []  # the HTTP and the probes' ports, shared by the workers
+    try:
+        if settings.allow_http:
+            settings = dataclasses.replace(
+                settings, http_port=_reserve_another(settings.host, settings.http_port, others)
+            )
+        if settings.health_port >= 0:
+            settings = dataclasses.replace(
+                settings, health_port=_reserve_another(settings.host, settings.health_port, others)
+            )
+    except OSError as exc:
+        log.error("cannot listen on %s", exc)
+        for held in (reserved, *others):
+            held.close()
+        return 2
     folder = Path(tempfile.mkdtemp(prefix="convserve-workers-"))
     try:
         supervisor = _Supervisor(settings, port, folder)
@@ -270,11 +291,17 @@ def supervise(settings: Settings) -> int:
         metrics_port = serve_metrics(metrics_host, settings.metrics_port, registry)
         log.info("metrics listening on %s:%d (all workers)", metrics_host, metrics_port)
         log.info("grpc listening on %s:%d (%d workers)", settings.host, port, settings.workers)
+        if settings.allow_http:
+            log.info(
+                "http listening on %s:%d (%d workers)",
+                settings.host,
+                settings.http_port,
+                settings.workers,
+            )
         code = supervisor.run()
         log.info("stopped")
         return code
     finally:
-        reserved.close()
-        if health_reserved is not None:
-            health_reserved.close()
+        for held in (reserved, *others):
+            held.close()
         shutil.rmtree(folder, ignore_errors=True)

@@ -15,6 +15,7 @@ from service.core.event_loop import CHOICES as EVENT_LOOPS
 
 __all__ = [
     "ENV_PREFIX",
+    "GRPC_HEADER_PREFIX",
     "RESTRICTED_GROUPS",
     "Restriction",
     "SettingError",
@@ -41,7 +42,10 @@ RESTRICTED_GROUPS = (
     "trace",
     "logging",
 )
-"""Triton's API group names for ``--grpc-restricted-protocol``."""
+"""Triton's API group names for ``--grpc-restricted-protocol`` and ``--http-restricted-api``."""
+
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
+"""What a gRPC restriction's key is prefixed with in its header; an HTTP one's is the key."""
 
 
 def _setting(default: Any, help_text: str, **extra: Any) -> Any:
@@ -50,20 +54,29 @@ def _setting(default: Any, help_text: str, **extra: Any) -> Any:
 
 @dataclass(frozen=True)
 class Restriction:
-    """API groups whose calls need header ``triton-grpc-protocol-<key>`` set to ``value``."""
+    """API groups whose calls need a header ``<prefix><key>`` set to ``value``.
+
+    On the gRPC port (Triton's ``--grpc-restricted-protocol``) the header is
+    ``triton-grpc-protocol-<key>``; on the HTTP port (``--http-restricted-api``) it is ``<key>``.
+    """
 
     groups: frozenset[str]
     key: str
     value: str
+    prefix: str = GRPC_HEADER_PREFIX
 
     @property
     def header(self) -> str:
-        """The request header (gRPC metadata key) a caller must send."""
-        return "triton-grpc-protocol-" + self.key
+        """The request header (gRPC metadata key, HTTP header name) a caller must send."""
+        return self.prefix + self.key
 
 
-def parse_restriction(text: str) -> Restriction:
+def parse_restriction(
+    text: str, flag: str = "--grpc-restricted-protocol", prefix: str = GRPC_HEADER_PREFIX
+) -> Restriction:
     """``health,metadata:admin-key=secret`` as a :class:`Restriction`.
+
+    ``flag`` names the setting in error messages; ``prefix`` goes before the key in the header.
 
     Raises:
         SettingError: the text is not ``<groups>:<key>=<value>`` or names an unknown group.
@@ -71,18 +84,16 @@ def parse_restriction(text: str) -> Restriction:
     groups_text, colon, header = text.partition(":")
     key, equals, value = header.partition("=")
     if not colon or not equals or not groups_text.strip() or not key.strip():
-        raise SettingError(
-            f"--grpc-restricted-protocol must be <groups>:<key>=<value>, got {text!r}"
-        )
+        raise SettingError(f"{flag} must be <groups>:<key>=<value>, got {text!r}")
     groups = frozenset(g.strip() for g in groups_text.split(","))
     unknown = sorted(groups - set(RESTRICTED_GROUPS))
     if unknown:
         raise SettingError(
-            f"--grpc-restricted-protocol names unknown group(s) {', '.join(unknown)}; "
+            f"{flag} names unknown group(s) {', '.join(unknown)}; "
             f"the groups are {', '.join(RESTRICTED_GROUPS)}"
         )
-    # gRPC metadata keys travel in lower case
-    return Restriction(groups, key.strip().lower(), value)
+    # gRPC metadata keys travel in lower case; HTTP header names are matched in any case
+    return Restriction(groups, key.strip().lower(), value, prefix)
 
 
 @dataclass(frozen=True)
@@ -92,9 +103,17 @@ class Settings:
     model_repository: Path = _setting(BUNDLED_REPOSITORY, "model repository folder")
     host: str = _setting("0.0.0.0", "address to listen on")
     grpc_port: int = _setting(8001, "gRPC port (0 picks a free one; the chosen port is logged)")
+    http_port: int = _setting(
+        8000, "KServe v2 HTTP/REST port (0 picks a free one; the chosen port is logged)"
+    )
+    allow_http: bool = _setting(
+        True, "serve KServe v2 over HTTP/REST on --http-port (false: no HTTP port)"
+    )
     metrics_port: int = _setting(8002, "Prometheus /metrics port (0 picks a free one)")
     device: str = _setting("auto", "auto, cpu, cuda or cuda:N (auto: CUDA when it really runs)")
-    max_message_bytes: int = _setting(64 << 20, "largest gRPC message accepted or sent")
+    max_message_bytes: int = _setting(
+        64 << 20, "largest gRPC message accepted or sent, and largest HTTP request body"
+    )
     max_tensor_elements: int = _setting(
         1 << 26, "largest element count of one request tensor, checked before allocation"
     )
@@ -232,12 +251,20 @@ class Settings:
         "with ;)",
         separator=";",
     )
+    http_restricted_api: tuple[str, ...] = _setting(
+        (),
+        "<groups>:<key>=<value>: HTTP requests in these API groups need the header <key> set "
+        "to <value>, else 403 (repeatable; the variable separates entries with ;)",
+        separator=";",
+    )
     grpc_use_ssl: bool = _setting(
-        False, "TLS on the gRPC port (with --grpc-server-cert and --grpc-server-key)"
+        False,
+        "TLS on the gRPC port (with --grpc-server-cert and --grpc-server-key), and on the HTTP "
+        "port with the same files",
     )
     grpc_use_ssl_mutual: bool = _setting(
         False,
-        "mutual TLS on the gRPC port: clients need a certificate that chains to "
+        "mutual TLS on the gRPC and HTTP ports: clients need a certificate that chains to "
         "--grpc-root-cert (implies --grpc-use-ssl)",
     )
     grpc_server_cert: str = _setting(
@@ -251,6 +278,7 @@ class Settings:
     def __post_init__(self) -> None:
         checks = {
             "grpc_port": 0 <= self.grpc_port <= 65535,
+            "http_port": 0 <= self.http_port <= 65535,
             "metrics_port": 0 <= self.metrics_port <= 65535,
             "max_message_bytes": self.max_message_bytes >= 1024,
             "max_tensor_elements": self.max_tensor_elements >= 1,
@@ -312,6 +340,8 @@ class Settings:
                 raise SettingError(f"TLS on the gRPC port needs {' and '.join(missing)}")
         for text in self.grpc_restricted_protocol:
             parse_restriction(text)
+        for text in self.http_restricted_api:
+            parse_restriction(text, "--http-restricted-api", "")
 
     @property
     def tls(self) -> bool:
@@ -322,6 +352,14 @@ class Settings:
     def restrictions(self) -> tuple[Restriction, ...]:
         """The parsed ``--grpc-restricted-protocol`` entries."""
         return tuple(parse_restriction(text) for text in self.grpc_restricted_protocol)
+
+    @property
+    def http_restrictions(self) -> tuple[Restriction, ...]:
+        """The parsed ``--http-restricted-api`` entries (headers named by their key alone)."""
+        return tuple(
+            parse_restriction(text, "--http-restricted-api", "")
+            for text in self.http_restricted_api
+        )
 
     def environment(self) -> dict[str, str]:
         """Every setting as its environment variable, so a child process rebuilds the same."""

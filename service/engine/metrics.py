@@ -89,13 +89,14 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 REQUESTS = Counter(
     "convserve_requests_total",
-    "Requests finished, by model, version, API and gRPC status code.",
-    ["model", "version", "api", "code"],
+    "Requests finished, by model, version, API, gRPC status code (HTTP requests too) and "
+    "protocol (grpc or http).",
+    ["model", "version", "api", "code", "protocol"],
 )
 REQUEST_DURATION = Histogram(
     "convserve_request_duration_seconds",
     "End-to-end request time inside the server.",
-    ["model", "api"],
+    ["model", "api", "protocol"],
     buckets=LATENCY_BUCKETS,
 )
 QUEUE_DURATION = Histogram(

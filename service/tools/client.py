@@ -197,6 +197,7 @@ def _read(path: Path) -> bytes:
 
 def _classify(args: argparse.Namespace) -> int:
     from service._generated.convserve.v1 import classifier_pb2 as pb
+    from service.core.classifier_documents import classify_documents
 
     if not args.dense and (args.heatmap is not None or args.heatmap_class is not None):
         raise ClientError("--heatmap and --heatmap-class need --dense (they draw the dense map)")
@@ -211,18 +212,7 @@ def _classify(args: argparse.Namespace) -> int:
                 images=[pb.Image(encoded=_read(path)) for path in args.images],
             )
             reply = connection.call("Classify", request)
-            documents = [
-                {
-                    "image": str(path),
-                    "model": reply.model,
-                    "version": reply.version,
-                    "top": [
-                        {"label": e.label, "index": e.index, "probability": round(e.probability, 6)}
-                        for e in result.top
-                    ],
-                }
-                for path, result in zip(args.images, reply.results, strict=True)
-            ]
+            documents = classify_documents(reply, [str(path) for path in args.images])
     if args.json:
         print(json.dumps(documents))
     else:
@@ -232,7 +222,8 @@ def _classify(args: argparse.Namespace) -> int:
 
 def _dense_one(connection: _Connection, path: Path, args: argparse.Namespace) -> dict[str, Any]:
     from service._generated.convserve.v1 import classifier_pb2 as pb
-    from service.tools.dense_reply import ReplyError, dense_document, write_heatmap
+    from service.core.classifier_documents import dense_document
+    from service.tools.dense_reply import ReplyError, write_heatmap
 
     request = pb.ClassifyDenseRequest(
         model=args.model,
@@ -256,7 +247,7 @@ def _dense_one(connection: _Connection, path: Path, args: argparse.Namespace) ->
             raise ClientError(str(exc)) from None
         # Not in the JSON document, whose shape is fixed: said on stderr instead.
         print(f"heat-map of {path} ({shown}): {target}", file=sys.stderr)
-    return dense_document(reply, path)
+    return dense_document(reply, str(path))
 
 
 def _print_tables(documents: Sequence[dict[str, Any]]) -> None:

@@ -1,13 +1,12 @@
-"""A ClassifyDense reply for people and scripts: its JSON document, one class's map, the heat-map.
+"""A ClassifyDense reply for people: one class's map, the heat-map.
 
-The document's shape is documented in docs/dense.md (``cell`` is ``[row, column]`` in cells,
-``box`` is ``[x0, y0, x1, y1]`` in the image's pixels).
+Its JSON document (``--json``) is :func:`service.core.classifier_documents.dense_document`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,7 +17,6 @@ __all__ = [
     "ReplyError",
     "class_name",
     "class_plane",
-    "dense_document",
     "pick_class",
     "write_heatmap",
 ]
@@ -26,42 +24,6 @@ __all__ = [
 
 class ReplyError(Exception):
     """The reply cannot give what was asked of it (a class it does not hold, a 1-D heat-map)."""
-
-
-def dense_document(reply: pb.ClassifyDenseResponse, image: Path) -> dict[str, Any]:
-    """The ``--json`` document of one ClassifyDense reply."""
-    from service._generated.convserve.v1 import classifier_pb2 as pb
-
-    geometry = reply.geometry
-    return {
-        "image": str(image),
-        "model": reply.model,
-        "version": reply.version,
-        "mode": "crops" if reply.mode == pb.MODE_CROPS else "dense",
-        "map_shape": list(reply.map.shape),
-        "stride": list(geometry.stride),
-        "window": list(geometry.window),
-        "offset": list(geometry.offset),
-        "exact": geometry.exact,
-        "pool": dense_document_pool(reply),
-        "top": [
-            {
-                "label": e.label,
-                "index": e.index,
-                "probability": round(e.probability, 6),
-                "best_cell": list(e.best_cell),
-                "box": list(e.box),
-            }
-            for e in reply.top
-        ],
-    }
-
-
-def dense_document_pool(reply: pb.ClassifyDenseResponse) -> str:
-    """How the reply's labels were pooled over the map: ``mean`` or ``max``."""
-    from service._generated.convserve.v1 import classifier_pb2 as pb
-
-    return "max" if reply.pool == pb.POOL_MAX else "mean"
 
 
 def class_name(label: str, index: int) -> str:
@@ -102,6 +64,7 @@ def write_heatmap(
     image_bytes: bytes, reply: pb.ClassifyDenseResponse, target: Path, wanted: str | None
 ) -> str:
     """Draw class ``wanted`` (default: the top pooled class) over the image; returns its name."""
+    from service.core.classifier_documents import pool_name
     from service.tools.heatmap import CellLayout, render_heatmap
 
     index, name = pick_class(reply, wanted)
@@ -115,7 +78,7 @@ def write_heatmap(
         window=(round(reply.geometry.window[0] / scale), round(reply.geometry.window[1] / scale)),
     )
     pooled = next((e.probability for e in reply.top if e.index == index), None)
-    how = dense_document_pool(reply)
+    how = pool_name(reply)
     title = (name if name == f"class {index}" else f"{name} (class {index})") + (
         f": {how}-pooled {pooled:.1%}" if pooled is not None else ""
     )

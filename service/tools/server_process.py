@@ -12,22 +12,32 @@ import time
 from pathlib import Path
 
 _GRPC = re.compile(r"grpc listening on [^:]+:(\d+)")
+_HTTP = re.compile(r"http listening on [^:]+:(\d+)")
 _METRICS = re.compile(r"metrics listening on [^:]+:(\d+)")
 _HEALTH = re.compile(r"health listening on [^:]+:(\d+)")
 
 
+SERVE = ("service", "serve")
+
+
 class ServerProcess:
-    """A server subprocess; ``grpc_address`` and ``metrics_url`` once :meth:`start` returns."""
+    """A server subprocess; ``grpc_address``, ``http_url`` and ``metrics_url`` once started.
+
+    ``convserve serve`` gets free ports for gRPC, HTTP and metrics (``http_port`` stays 0 with
+    ``--allow-http=false``).
+    """
 
     def __init__(
         self,
         repository: Path,
         *args: str,
         env: dict[str, str] | None = None,
-        module: tuple[str, ...] = ("service", "serve"),
+        module: tuple[str, ...] = SERVE,
     ) -> None:
         # ``module``: what ``python -m`` runs; anything that takes these flags and logs the same
-        # listening and ready lines (``service.tools.grpc_floor`` for the benchmark).
+        # listening and ready lines (``service.tools.grpc_floor`` for the benchmark, which
+        # serves no HTTP port).
+        http = ["--http-port", "0"] if module == SERVE else []
         self.command = [
             sys.executable,
             "-m",
@@ -36,6 +46,7 @@ class ServerProcess:
             "127.0.0.1",
             "--grpc-port",
             "0",
+            *http,
             "--metrics-port",
             "0",
             "--model-repository",
@@ -45,6 +56,7 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self.lines: list[str] = []
         self.grpc_port = 0
+        self.http_port = 0
         self.metrics_port = 0
         self.health_port = 0  # with --health-port: the probes' plaintext port
         self._ready = threading.Event()
@@ -55,6 +67,16 @@ class ServerProcess:
     def grpc_address(self) -> str:
         """host:port of the gRPC listener."""
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_address(self) -> str:
+        """host:port of the KServe v2 HTTP/REST listener (what tritonclient.http takes)."""
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the KServe v2 HTTP/REST listener (``http_url + "/v2/health/ready"``)."""
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def health_address(self) -> str:
@@ -91,6 +113,8 @@ class ServerProcess:
                 self.lines.append(line)
                 if match := _GRPC.search(line):
                     self.grpc_port = int(match.group(1))
+                if match := _HTTP.search(line):
+                    self.http_port = int(match.group(1))
                 if match := _METRICS.search(line):
                     self.metrics_port = int(match.group(1))
                 if match := _HEALTH.search(line):

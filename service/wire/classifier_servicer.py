@@ -19,10 +19,11 @@ from service.classification.lookup import ModelRef
 from service.classification.plan import DenseQuery
 from service.core.errors import InvalidArgument
 from service.engine.dataplane import Outcome
+from service.engine.repository import ServedModel
 from service.wire.codec import checked_frombuffer
 from service.wire.rpc import deadline_of, inference_rpc, rpc
 
-__all__ = ["ClassifierServicer"]
+__all__ = ["ClassifierServicer", "classify_response", "dense_query", "dense_response"]
 
 Context: TypeAlias = grpc.aio.ServicerContext
 _POOLS = {pb.POOL_MEAN: "mean", pb.POOL_MAX: "max"}
@@ -92,7 +93,32 @@ def _geometry(info: DenseGeometry, stride: tuple[int, ...]) -> pb.Geometry:
     )
 
 
-def _dense_response(result: DenseResult, query: DenseQuery) -> pb.ClassifyDenseResponse:
+def classify_response(
+    model: ServedModel, results: Sequence[Sequence[Labelled]]
+) -> pb.ClassifyResponse:
+    """The Classify answer: ``model``'s top-k labels per image, in order (gRPC's and REST's)."""
+    return pb.ClassifyResponse(
+        model=model.name,
+        version=str(model.version),
+        results=[pb.Classification(top=[_label(e) for e in top]) for top in results],
+    )
+
+
+def dense_query(request: pb.ClassifyDenseRequest) -> DenseQuery:
+    """A ClassifyDense request's options, its enums checked (gRPC's and REST's)."""
+    return DenseQuery(
+        top_k=request.top_k,
+        divisor=request.stride_divisor or 1,
+        scales=tuple(request.scales) or (1.0,),
+        pool=_known(_POOLS, request.pool, "pool", pb.Pool),
+        mode=_known(_MODES, request.mode, "mode", pb.Mode),
+        return_map=request.return_map if request.HasField("return_map") else True,
+        map_format=_known(_MAP_FORMATS, request.map_format, "map_format", pb.MapFormat),
+    )
+
+
+def dense_response(result: DenseResult, query: DenseQuery) -> pb.ClassifyDenseResponse:
+    """The ClassifyDense answer of ``result`` (gRPC's and REST's)."""
     response = pb.ClassifyDenseResponse(
         model=result.model.name.removesuffix("_dense"),
         version=str(result.model.version),
@@ -158,30 +184,18 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             deadline_of(context),
             outcome,
         )
-        return pb.ClassifyResponse(
-            model=model.name,
-            version=str(model.version),
-            results=[pb.Classification(top=[_label(e) for e in top]) for top in results],
-        )
+        return classify_response(model, results)
 
     @inference_rpc("dense")
     async def ClassifyDense(
         self, request: pb.ClassifyDenseRequest, context: Context, outcome: Outcome
     ) -> pb.ClassifyDenseResponse:
-        query = DenseQuery(
-            top_k=request.top_k,
-            divisor=request.stride_divisor or 1,
-            scales=tuple(request.scales) or (1.0,),
-            pool=_known(_POOLS, request.pool, "pool", pb.Pool),
-            mode=_known(_MODES, request.mode, "mode", pb.Mode),
-            return_map=request.return_map if request.HasField("return_map") else True,
-            map_format=_known(_MAP_FORMATS, request.map_format, "map_format", pb.MapFormat),
-        )
+        query = dense_query(request)
         image = _image(request.image, self._max_elements)
         result = await self._classification.classify_dense(
             ModelRef(request.model, request.version), image, query, deadline_of(context), outcome
         )
-        return _dense_response(result, query)
+        return dense_response(result, query)
 
     @rpc
     async def ListModels(

@@ -18,7 +18,17 @@ from service._generated.inference import grpc_service_pb2 as pb
 from service.core.errors import InvalidArgument, ResourceExhausted
 from service.core.types import NUMPY_TYPES, InferenceRequest, RequestedOutput
 
-__all__ = ["decode_request", "encode_response"]
+__all__ = [
+    "MAX_INPUTS",
+    "MAX_RANK",
+    "checked_frombuffer",
+    "classification",
+    "decode_request",
+    "element_count",
+    "encode_response",
+    "pack_strings",
+    "shared_memory_refusal",
+]
 
 # Which typed-contents field carries each datatype (FP16 and BF16 travel only as raw bytes).
 _TYPED_FIELD = {
@@ -55,12 +65,17 @@ def _int_parameter(params: object, key: str, where: str) -> int:
     return value
 
 
+def shared_memory_refusal(where: str) -> InvalidArgument:
+    """The refusal of a tensor that names a shared memory region (``where``: which tensor)."""
+    return InvalidArgument(
+        f"{where} names a shared memory region; this server takes tensors in the request "
+        "only (the shared memory extensions are not served)"
+    )
+
+
 def _refuse_shared_memory(params: object, where: str) -> None:
     if params and _parameter(params, "shared_memory_region") is not None:  # usually none at all
-        raise InvalidArgument(
-            f"{where} names a shared memory region; this server takes tensors in the request "
-            "only (the shared memory extensions are not served)"
-        )
+        raise shared_memory_refusal(where)
 
 
 MAX_RANK = 32
@@ -70,7 +85,13 @@ MAX_INPUTS = 256
 """Most input tensors one request may name (before any is matched against the model)."""
 
 
-def _element_count(name: str, shape: Sequence[int], limit: int) -> int:
+def element_count(name: str, shape: Sequence[int], limit: int) -> int:
+    """The elements of input ``name`` of ``shape``, checked against the rank and ``limit``.
+
+    Raises:
+        InvalidArgument: too many dimensions, or a negative one.
+        ResourceExhausted: more than ``limit`` elements, or a dimension above it.
+    """
     if len(shape) > MAX_RANK:
         raise InvalidArgument(
             f"input '{name}': shape has {len(shape)} dimensions; the server accepts at most "
@@ -93,7 +114,7 @@ def _element_count(name: str, shape: Sequence[int], limit: int) -> int:
 
 
 def checked_frombuffer(
-    name: str, shape: Sequence[int], datatype: str, raw: bytes, max_elements: int
+    name: str, shape: Sequence[int], datatype: str, raw: bytes | memoryview, max_elements: int
 ) -> np.ndarray:
     """View ``raw`` as an array of ``shape`` after checking the element count and byte length.
 
@@ -101,7 +122,7 @@ def checked_frombuffer(
         InvalidArgument: a negative dimension or a byte length that does not match the shape.
         ResourceExhausted: more than ``max_elements`` elements.
     """
-    count = _element_count(name, shape, max_elements)
+    count = element_count(name, shape, max_elements)
     dtype = NUMPY_TYPES[datatype]
     if len(raw) != count * dtype.itemsize:
         raise InvalidArgument(
@@ -231,7 +252,7 @@ def decode_request(request: pb.ModelInferRequest, max_elements: int) -> Inferenc
                 tensor.name, tensor.shape, tensor.datatype, raw[index], max_elements
             )
         else:
-            count = _element_count(tensor.name, tensor.shape, max_elements)
+            count = element_count(tensor.name, tensor.shape, max_elements)
             inputs[tensor.name] = _from_typed(tensor, count, dtype)
     outputs: dict[str, RequestedOutput] = {}  # by name, as the inputs: one look-up a name
     for o in request.outputs:
@@ -251,18 +272,40 @@ def decode_request(request: pb.ModelInferRequest, max_elements: int) -> Inferenc
     )
 
 
-def _classification(rows: np.ndarray, k: int, labels: Sequence[str] | None) -> bytes:
-    """Triton's classification extension: per row of ``rows``, top-k "value:index[:label]"."""
+def _top_k(rows: np.ndarray, k: int, labels: Sequence[str] | None) -> list[str]:
+    """Per row of ``rows``, its top-k as "value:index[:label]", row after row."""
     k = min(k, rows.shape[1])
     top = np.argsort(-rows, axis=1, kind="stable")[:, :k]
-    parts = []
+    found = []
     for row, indices in zip(rows, top, strict=True):
         for index in indices:
             text = f"{row[index]:f}:{index}"
             if labels is not None and index < len(labels):
                 text += f":{labels[index]}"
-            encoded = text.encode()
-            parts.append(struct.pack("<I", len(encoded)) + encoded)
+            found.append(text)
+    return found
+
+
+def classification(
+    value: np.ndarray, k: int, labels: Sequence[str] | None
+) -> tuple[list[int], list[str]]:
+    """Triton's classification extension for one output: its BYTES shape and top-k strings.
+
+    ``value``: the output's rows of one request (a vector is one row); ``k``: the requested
+    class count, at most the classes there are.
+    """
+    rows = value.reshape(1 if value.ndim <= 1 else value.shape[0], -1)
+    k = min(k, rows.shape[1] or 1)
+    shape = [k] if value.ndim <= 1 else [rows.shape[0], k]
+    return shape, _top_k(rows, k, labels)
+
+
+def pack_strings(strings: Sequence[str]) -> bytes:
+    """BYTES elements as Triton sends them raw: each a 4-byte little-endian length, then it."""
+    parts = []
+    for text in strings:
+        encoded = text.encode()
+        parts.append(struct.pack("<I", len(encoded)) + encoded)
     return b"".join(parts)
 
 
@@ -291,11 +334,10 @@ def encode_response(
         datatype, value = by_name[requested.name]
         tensor = response.outputs.add(name=requested.name)
         if requested.classification:
-            rows = value.reshape(1 if value.ndim <= 1 else value.shape[0], -1)
-            k = min(requested.classification, rows.shape[1] or 1)
+            shape, strings = classification(value, requested.classification, labels)
             tensor.datatype = "BYTES"
-            tensor.shape.extend([k] if value.ndim <= 1 else [rows.shape[0], k])
-            response.raw_output_contents.append(_classification(rows, k, labels))
+            tensor.shape.extend(shape)
+            response.raw_output_contents.append(pack_strings(strings))
         else:
             tensor.datatype = datatype
             tensor.shape.extend(value.shape)

@@ -6,6 +6,9 @@ refused with UNAVAILABLE and ``This protocol is restricted, expecting header
 'triton-grpc-protocol-<key>'``, before its request is parsed, and counted in
 ``convserve_restricted_refusals_total{group}``. With no restriction set no interceptor is
 installed, so unrestricted servers pay nothing per call.
+
+The HTTP port's ``--http-restricted-api`` uses the same groups: each REST route names the RPC it
+is the REST form of, and :func:`group_of` gives its group (see :mod:`service.wire.http.routes`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ import grpc
 from service.core.settings import Restriction
 from service.engine import metrics
 
-__all__ = ["GROUPS", "RestrictionInterceptor"]
+__all__ = ["CLASSIFIER", "GROUPS", "KSERVE", "RestrictionInterceptor", "group_of"]
 
 _KSERVE = "/inference.GRPCInferenceService/"
 _CLASSIFIER = "/convserve.v1.Classifier/"
+KSERVE = _KSERVE
+"""The KServe v2 RPCs' path prefix (``KSERVE + "ModelInfer"``)."""
+CLASSIFIER = _CLASSIFIER
+"""The Classifier RPCs' path prefix."""
 _HEALTH = "/grpc.health.v1.Health/"
 
 GROUPS: Mapping[str, frozenset[str]] = {
@@ -61,6 +68,13 @@ GROUPS: Mapping[str, frozenset[str]] = {
     "logging": frozenset(),
 }
 """Triton's group names and the RPCs each one covers."""
+
+_GROUP_OF = {method: group for group, methods in GROUPS.items() for method in methods}
+
+
+def group_of(method: str) -> str | None:
+    """The API group of RPC ``method`` (``KSERVE + "ModelInfer"``: ``inference``), or None."""
+    return _GROUP_OF.get(method)
 
 
 class RestrictionInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]

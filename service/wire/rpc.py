@@ -11,15 +11,14 @@ Each inference call is admitted or refused at the door as the server picks it up
 drain marker has arrived (:mod:`service.wire.drain_markers`), a new call is refused with
 UNAVAILABLE; a call admitted before is served to its end.
 
-Refusals under load and calls their clients gave up on are counted, and logged as one summary
-line every few seconds (:class:`~service.core.logs.RefusalSummary`); other failures are logged
-one WARNING line each, and a fault of the server one ERROR line with its traceback.
+What is recorded of each call, and how refusals are summed up in the log, is
+:mod:`service.wire.accounting`'s, shared with the REST port; a fault of the server is logged
+here, one ERROR line with its traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import functools
 import logging
 import time
@@ -30,14 +29,12 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import grpc
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
-from service.core.errors import DeadlineExceeded, InvalidArgument, ServingError
-from service.core.logs import RefusalSummary
+from service.core.errors import InvalidArgument, ServingError
 from service.engine import metrics
-from service.engine.admission import drop_reason
 from service.engine.dataplane import DEADLINE_SLACK, Outcome
 from service.engine.lifecycle import Lifecycle
-from service.engine.metrics import UNKNOWN_MODEL
 from service.wire import drain_markers
+from service.wire.accounting import OK, REFUSALS, Ending, count_unattributed, ending_of, record
 
 __all__ = [
     "CALL_QUEUE_OPTIONS",
@@ -53,9 +50,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REFUSALS = RefusalSummary(log)
-"""The refusal summary of this process's requests; its last line is written at exit."""
-atexit.register(REFUSALS.flush)
+PROTOCOL = "grpc"
+"""The ``protocol`` label of the requests counted here."""
 
 CALL_QUEUE_OPTIONS = [
     ("grpc.server.max_pending_requests", 1 << 16),
@@ -185,61 +181,6 @@ def _headers(context: grpc.aio.ServicerContext) -> tuple[str, bool]:
     return request_id, marker
 
 
-_CHILDREN: dict[tuple[object, tuple[str, ...]], Any] = {}
-
-
-def _child(metric: Any, *labels: str) -> Any:
-    """``metric.labels(*labels)``, looked up once per label set.
-
-    labels() takes a lock and builds a key on every call, on the hot path of every request.
-    """
-    child = _CHILDREN.get((metric, labels))
-    if child is None:
-        child = _CHILDREN[(metric, labels)] = metric.labels(*labels)
-    return child
-
-
-@dataclass
-class _Ending:
-    """How a request ended: its status code, why (for the log), and its drop reason, if any."""
-
-    code: str = "OK"
-    reason: str = ""
-    dropped: str | None = None
-
-
-_OK = _Ending()
-_LEFT = ("cancelled", "deadline")  # drop reasons that no batcher or data plane counts here
-
-
-def _record(outcome: Outcome, api: str, ending: _Ending, elapsed: float) -> None:
-    """Count a finished request by model, version, API and status, and log a failure."""
-    metrics.INFLIGHT.dec()
-    _child(metrics.REQUESTS, outcome.model, outcome.version, api, ending.code).inc()
-    _child(metrics.REQUEST_DURATION, outcome.model, api).observe(elapsed)
-    if ending.code == "OK":
-        return
-    if ending.dropped is not None:
-        REFUSALS.count(ending.dropped)
-        return
-    # Never the tensors or image bytes: only what identifies the request.
-    log.warning(
-        "%s request to %s failed with %s after %.1f ms: %s",
-        api,
-        outcome.model,
-        ending.code,
-        elapsed * 1000,
-        ending.reason,
-        extra={
-            "model": outcome.model,
-            "request_id": outcome.request_id,
-            "api": api,
-            "status": ending.code,
-            "duration_seconds": round(elapsed, 6),
-        },
-    )
-
-
 def _past_deadline(context: grpc.aio.ServicerContext | None, deadline: float | None) -> bool:
     """Whether the request's deadline has passed (so a cancellation is gRPC's, at it)."""
     if deadline is None and context is not None:
@@ -251,19 +192,14 @@ def _ending(
     exc: BaseException,
     context: grpc.aio.ServicerContext | None = None,
     deadline: float | None = None,
-) -> _Ending:
+) -> Ending:
     """How a request that raised ``exc`` ended; ``deadline``: its own, where the caller knows it."""
-    if isinstance(exc, asyncio.CancelledError) and _past_deadline(context, deadline):
-        exc = DeadlineExceeded("the deadline passed before the answer")
-    if isinstance(exc, ServingError):
-        return _Ending(exc.code.name, exc.message, drop_reason(exc))
-    if isinstance(exc, asyncio.CancelledError):
-        return _Ending("CANCELLED", "the client went away", "cancelled")
     if isinstance(exc, grpc.aio.AbortError) and context is not None:  # aborted by the method
         status = context.code()
         code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
-        return _Ending(code, "aborted by the handler")
-    return _Ending("INTERNAL", "unexpected error (traceback logged)")
+        return Ending(code, "aborted by the handler")
+    past = isinstance(exc, asyncio.CancelledError) and _past_deadline(context, deadline)
+    return ending_of(exc, past)
 
 
 T = TypeVar("T")
@@ -278,7 +214,7 @@ async def counted(
     ``deadline`` (monotonic) tells a cancellation at the deadline from a client leaving.
     """
     started = time.perf_counter()
-    ending = _OK
+    ending = OK
     metrics.INFLIGHT.inc()
     try:
         return await work
@@ -286,7 +222,7 @@ async def counted(
         ending = _ending(exc, deadline=deadline)
         raise
     finally:
-        _record(outcome, api, ending, time.perf_counter() - started)
+        record(outcome, api, PROTOCOL, ending, time.perf_counter() - started)
 
 
 Request = TypeVar("Request")
@@ -369,7 +305,7 @@ def inference_rpc(
                 await context.abort(*drain_markers.ANSWER)
             outcome = Outcome(request_id=request_id)
             started = time.perf_counter()
-            ending = _OK
+            ending = OK
             taken = lifecycle.admit(kind)
             metrics.INFLIGHT.inc()
             try:
@@ -386,11 +322,8 @@ def inference_rpc(
             finally:
                 if taken:
                     lifecycle.release()
-                if ending.dropped in _LEFT and outcome.model == UNKNOWN_MODEL:
-                    # Ended before its model was known (its request unread, say): no batcher
-                    # counted it.
-                    _child(metrics.DROPPED, UNKNOWN_MODEL, ending.dropped).inc()
-                _record(outcome, api, ending, time.perf_counter() - started)
+                count_unattributed(outcome, ending)  # ended before its request was read, say
+                record(outcome, api, PROTOCOL, ending, time.perf_counter() - started)
 
         wrapper.reads_own_request = True  # type: ignore[attr-defined]
         return wrapper
