@@ -143,11 +143,30 @@ def shared_tensors(classifier: Path, dense: Path, inputs: np.ndarray) -> dict[st
     classifier's ``[N, K]``. Where several classifier tensors match (a flatten's input and
     output), the first in graph order is taken: their ranges are equal.
     """
-    theirs = {n: v.reshape(len(inputs), -1) for n, v in _intermediates(classifier, inputs).items()}
+    count = len(inputs)
+
+    def per_input(value: np.ndarray) -> bool:
+        return bool(value.ndim) and value.shape[0] == count
+
+    ours = _intermediates(classifier, inputs)
+    theirs = {n: v.reshape(count, -1) for n, v in ours.items() if per_input(v)}
+    # A tensor without the batch axis first is a constant (a Constant node's scalar, such as
+    # ReLU6's clip bounds), not an activation: it matches the classifier's equal constant.
+    constants = {n: v for n, v in ours.items() if not per_input(v)}
     matched: dict[str, str] = {}
     for name, value in _intermediates(dense, inputs).items():
-        row = value.reshape(len(inputs), -1)
-        match = next((n for n, other in theirs.items() if _same(row, other)), None)
+        if per_input(value):
+            row = value.reshape(count, -1)
+            match = next((n for n, other in theirs.items() if _same(row, other)), None)
+        else:
+            match = next(
+                (
+                    n
+                    for n, other in constants.items()
+                    if other.shape == value.shape and np.array_equal(other, value)
+                ),
+                None,
+            )
         if match is not None:
             matched[name] = match
     return matched

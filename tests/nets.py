@@ -23,6 +23,20 @@ def padding_free_2d() -> nn.Module:
     ).eval()  # 16x16 window, stride 4
 
 
+def relu6_2d() -> nn.Module:
+    """:func:`padding_free_2d` with MobileNet's ReLU6: a Clip whose bounds are constant scalars."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU6(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, stride=2),
+        nn.ReLU6(),
+        nn.Flatten(),
+        nn.Linear(16 * 3 * 3, 5),
+    ).eval()  # 16x16 window, stride 4
+
+
 def padding_free_1d() -> nn.Module:
     """A Conv1d network over time, dense along its one axis."""
     torch.manual_seed(0)

@@ -29,6 +29,8 @@ CASES = {
     # name: (factory, input shape, stride)
     "sequential_2d": (nets.padding_free_2d, (3, 16, 16), (4, 4)),
     "conv1d": (nets.padding_free_1d, (2, 31), (4,)),
+    # Clip's scalar bounds are no activation of any one input: calibration leaves them out.
+    "relu6_2d": (nets.relu6_2d, (3, 16, 16), (4, 4)),
 }
 
 
