@@ -42,10 +42,11 @@ COPY service/model_repository /opt/convserve-demo-models
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin convserve
 USER 10001:10001
 ENV CONVSERVE_HOST=0.0.0.0 \
+    CONVSERVE_HTTP_PORT=8000 \
     CONVSERVE_GRPC_PORT=8001 \
     CONVSERVE_METRICS_PORT=8002 \
     CONVSERVE_LOG_FORMAT=json
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["convserve"]
 CMD ["serve"]

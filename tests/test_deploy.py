@@ -106,7 +106,7 @@ def test_dockerfile_is_hadolint_clean() -> None:
     for needed in (
         "ARG BASE=",
         "USER 10001",
-        "EXPOSE 8001 8002",
+        "EXPOSE 8000 8001 8002",
         "STOPSIGNAL SIGTERM",
         'ENTRYPOINT ["convserve"]',
         'CMD ["serve"]',
@@ -223,6 +223,9 @@ def test_inference_service_matches_the_kserve_crd() -> None:
     env = {e["name"]: e["value"] for e in predictor["env"]}
     assert predictor["ports"][0]["containerPort"] == int(env["CONVSERVE_GRPC_PORT"])
     assert predictor["ports"][0]["name"] == "h2c"  # KServe routes gRPC to a port named h2c
+    # REST on a second port: KServe's Standard mode only (Knative takes one port a container).
+    assert predictor["ports"][1]["containerPort"] == int(env["CONVSERVE_HTTP_PORT"])
+    assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
     check_env(env)
 
 
@@ -248,6 +251,7 @@ def test_manifests_agree_with_the_server(overlay: str) -> None:
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
     health = int(env.get("CONVSERVE_HEALTH_PORT", "-1"))
     assert ports == {
+        "http": int(env["CONVSERVE_HTTP_PORT"]),
         "grpc": int(env["CONVSERVE_GRPC_PORT"]),
         "metrics": int(env["CONVSERVE_METRICS_PORT"]),
         **({"health": health} if health > 0 else {}),
@@ -272,7 +276,7 @@ def test_manifests_agree_with_the_server(overlay: str) -> None:
     assert any(m["mountPath"] == env["CONVSERVE_MODEL_REPOSITORY"] for m in main["volumeMounts"])
     for service in by_kind(objects, "Service"):
         names = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
-        assert names == {"grpc": "grpc", "metrics": "metrics"}
+        assert names == {"http": "http", "grpc": "grpc", "metrics": "metrics"}
     headless = [s for s in by_kind(objects, "Service") if s["spec"].get("clusterIP") == "None"]
     assert len(headless) == 1
     [monitor] = by_kind(objects, "ServiceMonitor")
@@ -324,6 +328,7 @@ def test_network_policy_admits_clients_and_monitoring_only(overlay: str) -> None
         {"podSelector": {}},
         {"namespaceSelector": {}, "podSelector": {"matchLabels": {"convserve.io/client": "true"}}},
     ]
+    assert sources[ports["http"]] == sources[ports["grpc"]]  # REST: the same clients as gRPC
     monitoring = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
     assert sources[ports["metrics"]] == [{"namespaceSelector": monitoring}]
     if "health" in ports:  # the kubelet probes from the node: no selector can name it
@@ -348,15 +353,16 @@ def test_tls_overlay_serves_the_certificate_that_cert_manager_issues() -> None:
     assert env["CONVSERVE_GRPC_ROOT_CERT"] == f"{folder}/ca.crt"
     assert certificate["spec"]["issuerRef"]["name"]
     assert "server auth" in certificate["spec"]["usages"]
-    grpc_port = int(env["CONVSERVE_GRPC_PORT"])
+    grpc_port, http_port = int(env["CONVSERVE_GRPC_PORT"]), int(env["CONVSERVE_HTTP_PORT"])
     for service in by_kind(objects, "Service"):
         assert service["metadata"]["name"] in certificate["spec"]["dnsNames"]
         protocols = {p["port"]: p.get("appProtocol") for p in service["spec"]["ports"]}
-        assert protocols[grpc_port] == "https"
+        assert protocols[grpc_port] == protocols[http_port] == "https"  # REST takes the TLS too
     for overlay in ("cpu", "gpu"):
         for service in by_kind(render(overlay), "Service"):
             protocols = {p["port"]: p.get("appProtocol") for p in service["spec"]["ports"]}
             assert protocols[grpc_port] == "kubernetes.io/h2c"
+            assert protocols[http_port] == "http"
 
 
 def test_generated_rule_and_dashboard_manifests_are_current() -> None:

@@ -81,6 +81,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         default=["kserve", "classify"],
         help="stream: KServe requests over ModelStreamInfer",
     )
+    bench.add_argument(
+        "--protocol",
+        choices=["grpc", "http", "both"],
+        default="grpc",
+        help="the KServe requests over gRPC, over HTTP/REST (JSON and binary tensors; port 8000 "
+        "of a --server), or both: the gRPC sweep plus all three side by side in alternating "
+        "rounds at every concurrency (service/tools/bench/http.py)",
+    )
     bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per step")
@@ -103,5 +111,33 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         "no checks), at concurrency 1 and the highest, alternating with the server",
     )
     bench.add_argument("--output", type=Path, default=Path("bench-results"))
+    precision = bench.add_argument_group("precision (service/tools/bench/precision.py)")
+    precision.add_argument(
+        "--compare-precision",
+        action="store_true",
+        help="instead of the sweep: fp32 against int8 (and fp16 on CUDA), in-process at batch "
+        "1 and 8, served at 16 clients, dense twin at 384x384, for --precision-models",
+    )
+    precision.add_argument(
+        "--precision-models",
+        nargs="+",
+        default=["resnet18", "mobilenet_v2"],
+        metavar="NAME",
+        help="entries of --work-dir (NAME, NAME_int8, NAME_fp16); one missing is exported from "
+        "torchvision.models:NAME, random weights and int8 calibrated on random inputs: timing "
+        "only",
+    )
+    precision.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=["fp32", "fp16", "int8"],
+        help="the precisions compared with fp32 (default: int8, and fp16 on CUDA)",
+    )
+    precision.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("bench-results/precision-models"),
+        help="the model repository --compare-precision exports into, so a rerun reuses them",
+    )
     bench.add_argument("--smoke", action="store_true", help="everything for about a second")
     bench.set_defaults(handler=_run)

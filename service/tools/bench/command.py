@@ -18,6 +18,15 @@ from service.core.event_loop import loop_factory
 from service.engine.runtime import Runtime
 from service.tools.bench.comparisons import Comparison, compare_batching, compare_floor
 from service.tools.bench.dense import dense_comparison
+from service.tools.bench.http import (
+    REST_BINARY,
+    REST_JSON,
+    compare_protocols,
+    infer_path,
+    is_rest,
+    rest_payloads,
+    rest_target,
+)
 from service.tools.bench.payloads import classify_payload, kserve_payload
 from service.tools.bench.raw import RawLimit, RawRow, averaged
 from service.tools.bench.report import plot, print_report, ratios
@@ -90,10 +99,15 @@ def _payloads(
 ) -> dict[str, tuple[str, bytes]]:
     """The method and request of each API of ``--apis`` the model can answer."""
     payloads = {"kserve": kserve, "stream": (STREAM_METHOD, kserve[1])}
+    if args.protocol == "http" and "kserve" in args.apis:  # the KServe requests over REST
+        del payloads["kserve"]
+        rest = rest_payloads(runtime)
+        for form in (REST_JSON, REST_BINARY):
+            payloads[form] = (infer_path(args.model), rest[form])
     classify = classify_payload(runtime)
     if classify is not None and "classify" in args.apis:
         payloads["classify"] = (CLASSIFY_METHOD, classify)
-    return {k: v for k, v in payloads.items() if k in args.apis}
+    return {k: v for k, v in payloads.items() if k in args.apis or is_rest(v[0])}
 
 
 def _sweep(
@@ -105,10 +119,10 @@ def _sweep(
 ) -> list[ServedRow]:
     """Every API at every level of ``concurrency``, the limit measured after each step."""
     args = comparison.args
-    target = target_of(server, args.model)
     served: list[ServedRow] = []
     total = len(payloads) * len(concurrency)
     for api, (method, payload) in payloads.items():
+        target = (rest_target if is_rest(method) else target_of)(server, args.model)
         for level in concurrency:
             _progress(
                 f"step {len(served) + 1}/{total}: {api} at concurrency {level} "
@@ -154,6 +168,7 @@ def _results(args: argparse.Namespace, device: str, connections: int) -> dict[st
         "model": args.model,
         "device": device,
         "workers": args.workers,
+        "protocol": args.protocol,
         # what the servers started here run on; unknown for --server
         "event_loop": None if args.server else _loop_name(args.event_loop),
         "connections": connections,
@@ -165,6 +180,7 @@ def _results(args: argparse.Namespace, device: str, connections: int) -> dict[st
         "dense": [],
         "batching": [],
         "floor": [],
+        "protocols": [],
         "raw_after": [],
         "raw_beside": [],
     }
@@ -184,6 +200,10 @@ def _write(results: dict[str, Any], output: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``bench`` command."""
+    if args.compare_precision:
+        from service.tools.bench.precision import compare_precision
+
+        return compare_precision(args)
     seconds = 1.0 if args.smoke else args.duration
     concurrency = [1, 4] if args.smoke else args.concurrency
     batches = [1, 8] if args.smoke else args.batch_sizes
@@ -216,6 +236,13 @@ def run(args: argparse.Namespace) -> int:
             with open_server(args, server_args) as server:
                 served = _sweep(comparison, server, payloads, concurrency, beside)
                 _beside_the_sweep(comparison, server, server_args, results)
+                if args.protocol == "both":
+                    _progress("gRPC, REST JSON and REST binary side by side")
+                    rows, lines = compare_protocols(
+                        comparison, server, concurrency, rest_payloads(runtime)
+                    )
+                    results["protocols"] = [asdict(r) for r in rows]
+                    results["ratios"].extend(lines)
             # The limit again, after the load: on a shared machine it drifts, and the ratios
             # should not hang on one moment's luck.
             _progress("the limit again, after the load")

@@ -108,18 +108,22 @@ def served_benchmark(target: Target, step: Step) -> ServedRow:
     ``target.pid`` (a server on this machine), also the server's CPU per request: its
     processes' CPU time across the step over the requests its metrics counted meanwhile.
     """
+    from service.tools.bench.http import is_rest, rest_load  # which imports this module
+
     before = _server_counters(target.metrics_url, target.model)
     cpu_before = _process_tree_cpu_seconds(target.pid)
-    body = with_model(step.payload, step.method, target.model)
     warmup = min(1.0, step.seconds / 4)
     generator = "python" if step.method == STREAM_METHOD else step.generator
-    if generator == "h2load":
-        summary = h2load(target.address, step, body, warmup)
+    rest = is_rest(step.method)  # KServe v2 over HTTP/REST: the path names the model
+    if rest:  # HTTP statuses tell the errors apart: nothing to correct below
+        summary = rest_load(target.address, step, warmup)
     else:
-        summary = python_loadgen(target.address, step, body, warmup)
+        body = with_model(step.payload, step.method, target.model)
+        load = h2load if generator == "h2load" else python_loadgen
+        summary = load(target.address, step, body, warmup)
     cpu_after = _process_tree_cpu_seconds(target.pid)
     after = _server_counters(target.metrics_url, target.model)
-    if generator == "h2load":  # it sees HTTP statuses only; gRPC errors come in trailers
+    if generator == "h2load" and not rest:  # h2load sees no gRPC errors: they come in trailers
         failed = int(after.get("failed_requests", 0.0) - before.get("failed_requests", 0.0))
         if failed:  # refused answers are not served ones (their latencies stay in; see errors)
             summary["errors"]["server-side"] = failed
